@@ -1,0 +1,61 @@
+"""Pure RL math: KL estimators and controllers, advantage estimators, PPO/value/DPO losses."""
+
+from bitnet_rl.rl.advantages import (
+    add_kl_penalty,
+    discounted_returns,
+    gae,
+    grpo_advantages,
+    masked_mean,
+    masked_var,
+    masked_whiten,
+    reinforce_pp_advantages,
+    rloo_advantages,
+    scores_to_token_rewards,
+)
+from bitnet_rl.rl.kl import (
+    AdaptiveKLController,
+    FixedKLController,
+    KLKind,
+    kl_estimate,
+    kl_k1,
+    kl_k2,
+    kl_k3,
+)
+from bitnet_rl.rl.losses import (
+    DPOLossType,
+    dpo_loss,
+    entropy_from_logits,
+    explained_variance,
+    logprobs_from_logits,
+    ppo_policy_loss,
+    sequence_logps,
+    value_loss,
+)
+
+__all__ = [
+    "AdaptiveKLController",
+    "DPOLossType",
+    "FixedKLController",
+    "KLKind",
+    "add_kl_penalty",
+    "discounted_returns",
+    "dpo_loss",
+    "entropy_from_logits",
+    "explained_variance",
+    "gae",
+    "grpo_advantages",
+    "kl_estimate",
+    "kl_k1",
+    "kl_k2",
+    "kl_k3",
+    "logprobs_from_logits",
+    "masked_mean",
+    "masked_var",
+    "masked_whiten",
+    "ppo_policy_loss",
+    "reinforce_pp_advantages",
+    "rloo_advantages",
+    "scores_to_token_rewards",
+    "sequence_logps",
+    "value_loss",
+]

@@ -1,0 +1,81 @@
+"""The `bitnet-rl` command line. Parses, validates and calls one function per command.
+
+User mistakes (`UserError`) print one line on stderr and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import typer
+
+from bitnet_rl.errors import UserError
+
+app = typer.Typer(
+    help="Fine-tune and align BitNet b1.58 (ternary) language models: SFT, DPO, reward models, PPO.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+recipe_app = typer.Typer(help="Inspect recipes.", no_args_is_help=True)
+app.add_typer(recipe_app, name="recipe")
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Turn a `UserError` into one line on stderr and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as err:
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+OVERRIDES_HELP = "Recipe overrides, e.g. optimizer.lr=3e-4 train.max_steps=200."
+
+
+@app.command()
+@user_errors
+def info(model_dir: Path = typer.Argument(..., help="A local model directory.")) -> None:
+    """Architecture, parameter counts, ternary health and memory (bf16 vs 2-bit packed)."""
+    from bitnet_rl.models.inspect import model_summary
+
+    typer.echo(model_summary(model_dir))
+
+
+@recipe_app.command("show")
+@user_errors
+def recipe_show(
+    recipe: Path = typer.Argument(..., help="A recipe YAML file."),
+    overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP),
+) -> None:
+    """Print the resolved recipe (defaults, file and overrides merged) as YAML."""
+    import yaml
+
+    from bitnet_rl.recipe import load_recipe
+
+    resolved = load_recipe(recipe, overrides)
+    typer.echo(yaml.safe_dump(json.loads(resolved.model_dump_json()), sort_keys=False))
+
+
+@recipe_app.command("reference")
+def recipe_reference() -> None:
+    """Print every recipe key with its default and meaning (markdown)."""
+    from bitnet_rl.recipe import reference_markdown
+
+    typer.echo(reference_markdown())
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,226 @@
+"""Load BitNet policies from master weights (or convert dense causal LMs) and save checkpoints.
+
+A checkpoint is a Hugging Face model directory whose `config.json` carries
+`quantization_config = {"quant_method": "bitnet", "linear_class": "autobitlinear",
+"quantization_mode": "online"}`: plain `transformers` loads it as a quantized BitNet model
+(AutoBitLinear, online absmean/absmax) and computes what our BitLinear computes at λ = 1 with
+per-tensor scales. Our own settings (granularity, group size, activation quantization) ride
+along under `config.json`'s `bitnet_rl` key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+
+from bitnet_rl.errors import UserError
+from bitnet_rl.models.convert import to_bitlinear
+from bitnet_rl.quant.bitlinear import BitLinear, bitlinear_modules, check_lambda
+from bitnet_rl.quant.pack import unpack_hf
+from bitnet_rl.recipe import QuantConfig
+
+ONLINE_QUANT_CONFIG = {"quant_method": "bitnet", "linear_class": "autobitlinear", "quantization_mode": "online"}
+OUR_KEY = "bitnet_rl"
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    """`config.json` of a model directory, with user errors for a missing dir, file or bad JSON."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"model directory not found: {path}")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise UserError(f"{path} has no config.json: not a Hugging Face model directory")
+    try:
+        return json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{config_file}: invalid JSON ({err.msg}, line {err.lineno})") from None
+
+
+def _causal_lm_config(path: Path, raw: dict[str, Any]):
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    model_type = raw.get("model_type")
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise UserError(f"{path / 'config.json'}: model_type {model_type!r} is not a causal language model")
+    clean = {k: v for k, v in raw.items() if k not in ("quantization_config", OUR_KEY)}
+    config_class = type(AutoConfig.for_model(model_type))
+    return config_class.from_dict(clean)
+
+
+def quant_config_of(path: str | Path) -> QuantConfig | None:
+    """The quantization settings a bitnet-rl checkpoint was trained with, if it records them."""
+    saved = read_config(path).get(OUR_KEY, {}).get("quant")
+    return QuantConfig(**saved) if saved else None
+
+
+def load_policy(
+    path: str | Path,
+    *,
+    quant: QuantConfig | None = None,
+    lam: float = 1.0,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> nn.Module:
+    """A causal LM whose decoder projections are BitLinear modules holding master weights.
+
+    Accepts (a) a `BitNetForCausalLM` directory of BF16 master weights, (b) a BitNet directory
+    with a bitnet `quantization_config` (online: master weights; offline: 2-bit packed codes,
+    unpacked to master weights whose requantization gives back the same codes and scale), and
+    (c) a dense Llama/Mistral/Qwen-style causal LM, converted to BitLinear.
+    `quant` defaults to the settings recorded in the checkpoint, else per-tensor int8.
+    """
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    raw = read_config(path)
+    lam = check_lambda(lam)
+    config = _causal_lm_config(path, raw)
+    if quant is None:
+        saved = raw.get(OUR_KEY, {}).get("quant")
+        quant = QuantConfig(**saved) if saved else QuantConfig()
+    qcfg = raw.get("quantization_config") or {}
+    if qcfg and qcfg.get("quant_method") != "bitnet":
+        raise UserError(f"{path / 'config.json'}: quantization method {qcfg.get('quant_method')!r} is not supported (only bitnet)")
+
+    if qcfg.get("quantization_mode") == "offline":
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        _load_offline_packed(model, path, linear_class=qcfg.get("linear_class", "bitlinear"))
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype)
+        except OSError as err:
+            raise UserError(f"{path}: cannot load weights ({str(err).splitlines()[0]})") from None
+    to_bitlinear(
+        model,
+        granularity=quant.granularity,
+        group_size=quant.group_size,
+        quantize_activations=quant.activations == "int8",
+        lam=lam,
+    )
+    if not bitlinear_modules(model):
+        raise UserError(f"{path}: no q/k/v/o/gate/up/down projections found to quantize in {type(model).__name__}")
+    return model.to(device)
+
+
+def _load_offline_packed(model: nn.Module, path: Path, linear_class: str) -> None:
+    """Read transformers' offline bitnet format: uint8 packed codes plus `weight_scale` per layer.
+
+    `BitLinear` (offline) divides its output by `weight_scale`; `AutoBitLinear` (offline) multiplies.
+    The dequantized weight is `codes · a`; we store master weights `codes · a / p` (p = share of
+    nonzero codes) so that absmean requantization returns exactly `codes` and scale `a`.
+    """
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"{path}: no .safetensors weights found")
+    tensors: dict[str, torch.Tensor] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():
+                tensors[key] = handle.get_tensor(key)
+    params = dict(model.named_parameters())
+    state = {}
+    for key, value in tensors.items():
+        if key.endswith(".weight_scale"):
+            continue
+        scale_key = key[: -len("weight")] + "weight_scale"
+        if value.dtype == torch.uint8 and scale_key in tensors:
+            out_features = params[key].shape[0]
+            codes = unpack_hf(value, out_features, dtype=torch.float32)
+            scale = tensors[scale_key].float()
+            dequant_factor = 1.0 / scale if linear_class == "bitlinear" else scale
+            nonzero = (codes != 0).float().mean().clamp(min=1e-12)
+            value = codes * dequant_factor / nonzero
+        state[key] = value
+    if model.config.tie_word_embeddings and "lm_head.weight" not in state:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise UserError(f"{path}: weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+
+def load_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path}: cannot load a tokenizer ({str(err).splitlines()[0]})") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def quant_config_from_model(model: nn.Module) -> QuantConfig:
+    modules = bitlinear_modules(model)
+    if not modules:
+        return QuantConfig()
+    first: BitLinear = modules[0][1]
+    return QuantConfig(
+        granularity=first.granularity,
+        group_size=first.group_size,
+        activations="int8" if first.quantize_activations else "none",
+    )
+
+
+def atomic_dir(out_dir: str | Path) -> tuple[Path, Path]:
+    """(temporary sibling directory to write into, final path). Call `commit_dir` when done."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    return tmp, out_dir
+
+
+def commit_dir(tmp: Path, out_dir: Path) -> Path:
+    """Move a fully written `tmp` into place; an existing `out_dir` is replaced, never half-written."""
+    old = None
+    if out_dir.exists():
+        old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(out_dir, old)
+    os.rename(tmp, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return out_dir
+
+
+def save_checkpoint(model: nn.Module, tokenizer, out_dir: str | Path, extra: dict[str, Any] | None = None) -> Path:
+    """Write a Hugging Face directory (safetensors, config, tokenizer, generation config) atomically.
+
+    `extra` maps relative file names to callables `fn(path)` that write more files into the
+    temporary directory before it is moved into place (e.g. `trainer_state/`).
+    """
+    tmp, final = atomic_dir(out_dir)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        config_file = tmp / "config.json"
+        config = json.loads(config_file.read_text())
+        quant = quant_config_from_model(model)
+        if bitlinear_modules(model):
+            config["quantization_config"] = dict(ONLINE_QUANT_CONFIG)
+            config[OUR_KEY] = {"quant": quant.layer_settings()}
+            if quant.granularity != "per_tensor" or quant.activations != "int8":
+                warnings.warn(
+                    f"{final}: plain transformers applies per-tensor scales and int8 activations; this model was trained "
+                    f"with {quant.granularity}/{quant.activations}, so only bitnet-rl reproduces its exact function",
+                    stacklevel=2,
+                )
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True))
+        for name, write in (extra or {}).items():
+            write(tmp / name)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return commit_dir(tmp, final)

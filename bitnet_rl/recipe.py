@@ -1,0 +1,225 @@
+"""Recipes: pydantic models of every section, a YAML loader and `key.sub=value` overrides.
+
+Unknown keys and wrong types are `UserError`s naming the key path and the file. The field
+descriptions below are the recipe reference in the README (`bitnet-rl recipe reference`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from bitnet_rl.errors import UserError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LambdaSchedule(Section):
+    kind: Literal["constant", "linear", "sigmoid", "exponential"] = Field(
+        "constant", description="How λ (share of quantization blended in) rises: constant, linear, sigmoid or exponential."
+    )
+    warmup_steps: int = Field(0, ge=0, description="Optimizer steps over which λ rises from 0 to 1 (non-constant kinds).")
+    k: float = Field(10.0, gt=0, description="Steepness of the sigmoid / exponent of the exponential schedule.")
+    value: float = Field(1.0, ge=0, le=1, description="λ of the constant schedule.")
+
+
+class QuantConfig(Section):
+    granularity: Literal["per_tensor", "per_channel", "per_group"] = Field(
+        "per_tensor", description="Scope of the absmean weight scale: one per tensor (BitNet b1.58), per output row, or per group."
+    )
+    group_size: int = Field(128, gt=0, description="Input columns per scale group (per_group only).")
+    activations: Literal["int8", "none"] = Field("int8", description="Per-token absmax int8 activation quantization, or none.")
+    schedule: LambdaSchedule = Field(default_factory=LambdaSchedule, description="λ schedule.")
+
+    def layer_settings(self) -> dict[str, Any]:
+        """The part of the settings that defines the quantized function (saved with checkpoints)."""
+        return self.model_dump(include={"granularity", "group_size", "activations"})
+
+
+class TinyModelConfig(Section):
+    hidden_size: int = Field(64, gt=0, description="Hidden size of the tiny demo model.")
+    num_hidden_layers: int = Field(2, gt=0, description="Decoder layers of the tiny demo model.")
+    num_attention_heads: int = Field(4, gt=0, description="Attention heads of the tiny demo model.")
+    num_key_value_heads: int = Field(2, gt=0, description="KV heads of the tiny demo model.")
+    intermediate_size: int = Field(128, gt=0, description="MLP width of the tiny demo model.")
+
+
+class ModelConfig(Section):
+    path: str | None = Field(
+        None, description="Local model directory: BitNet BF16 master weights, a bitnet-rl checkpoint, or a dense Llama-style LM."
+    )
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="Master-weight dtype: auto is float32 on CPU, bfloat16 on GPU."
+    )
+    tiny: TinyModelConfig | None = Field(None, description="Build a random tiny BitNet model instead of loading `path` (demo, tests).")
+
+
+class DataConfig(Section):
+    path: str | None = Field(None, description="Training data: .jsonl/.json/.parquet/.csv file or a datasets directory; `demo` for the bundled task.")
+    format: Literal["auto", "text", "prompt_completion", "messages", "prefs"] = Field("auto", description="Record format; auto detects it from the fields.")
+    max_length: int = Field(512, gt=0, description="Truncate token sequences to this length.")
+    max_prompt_length: int = Field(256, gt=0, description="Longest prompt allowed (preference and RL data).")
+    train_on_prompt: bool = Field(False, description="Also put the loss on prompt / user tokens.")
+    packing: bool = Field(False, description="Concatenate examples into max_length chunks.")
+    val_fraction: float = Field(0.05, ge=0, lt=1, description="Share of records held out for validation loss / perplexity.")
+    demo_size: int = Field(2000, gt=0, description="Records generated when path is `demo`.")
+
+
+class OptimizerConfig(Section):
+    lr: float = Field(1e-4, gt=0, description="Peak learning rate (AdamW).")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas (BitNet seed notebook: 0.9, 0.95).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (0 for BitNet, as in the seed notebook).")
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 disables).")
+
+
+class SchedulerConfig(Section):
+    kind: Literal["cosine", "linear", "constant"] = Field("cosine", description="Learning-rate schedule after warm-up.")
+    warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up steps.")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Final LR as a fraction of the peak (cosine/linear).")
+
+
+class TrainConfig(Section):
+    max_steps: int = Field(1000, gt=0, description="Optimizer steps to run.")
+    batch_size: int = Field(8, gt=0, description="Sequences per micro-batch (per device).")
+    grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    loss_aggregation: Literal["mean", "sum"] = Field(
+        "mean", description="Token loss aggregation: mean over tokens, or sum (BitNet b1.58 2B4T SFT)."
+    )
+    seed: int = Field(0, description="Seed for data order, init and sampling.")
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="accelerate mixed precision.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    eval_every: int = Field(0, ge=0, description="Validation every N steps (0: only at the end).")
+
+
+class CheckpointConfig(Section):
+    every: int = Field(0, ge=0, description="Save a resumable checkpoint every N optimizer steps (0: only at the end).")
+    keep_last: int = Field(2, gt=0, description="How many step checkpoints to keep.")
+
+
+class LoggingConfig(Section):
+    every: int = Field(1, gt=0, description="Write a metrics.jsonl line every N optimizer steps.")
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list, description="Extra trackers through accelerate.")
+    progress: bool = Field(True, description="Show a progress bar.")
+    health_every: int = Field(10, ge=0, description="Ternary health (code fractions, flip rate) every N steps (0: off).")
+
+
+class Recipe(Section):
+    out: str = Field("runs/out", description="Output directory (checkpoints, metrics.jsonl).")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Policy to load.")
+    quant: QuantConfig = Field(default_factory=QuantConfig, description="BitLinear quantization and λ schedule.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Training data.")
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig, description="AdamW settings.")
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig, description="Learning-rate schedule.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Training loop.")
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Checkpointing.")
+    logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Metrics and progress.")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` → (["a", "b", "c"], YAML-parsed value)."""
+    if "=" not in text:
+        raise UserError(f"override {text!r}: expected key.sub=value")
+    key, raw = text.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise UserError(f"override {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = data
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise UserError(f"override {text!r}: {part} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"recipe not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise UserError(f"{where}: invalid YAML ({getattr(err, 'problem', err)})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def validate(model_cls: type[Section], data: dict[str, Any], source: str) -> Section:
+    """Build `model_cls` from `data`; the first error becomes a one-line `UserError`."""
+    try:
+        return model_cls.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        key = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        if first["type"] == "extra_forbidden":
+            raise UserError(f"{source}: unknown key {key}") from None
+        raise UserError(f"{source}: {key}: {first['msg']} (got {first.get('input')!r})") from None
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] | None = None, model_cls: type[Section] = Recipe, base: dict[str, Any] | None = None) -> Section:
+    """Read a YAML recipe (or start from `base`/defaults when `path` is None), apply overrides, validate."""
+    data = dict(base or {})
+    if path is not None:
+        data = _deep_merge(data, read_yaml(path))
+    data = apply_overrides(data, list(overrides or []))
+    source = str(path) if path is not None else "recipe"
+    return validate(model_cls, data, source)
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def reference_markdown(model_cls: type[Section] = Recipe, prefix: str = "") -> str:
+    """A table of every key with its type, default and description (the README's recipe reference)."""
+    rows = [] if prefix else ["| key | default | meaning |", "| --- | --- | --- |"]
+    for name, field in model_cls.model_fields.items():
+        annotation = field.annotation
+        key = f"{prefix}{name}"
+        nested = _section_type(annotation)
+        if nested is not None:
+            rows.extend(reference_markdown(nested, prefix=f"{key}.").splitlines())
+            continue
+        default = field.get_default(call_default_factory=True)
+        shown = "—" if default is None else f"`{default}`" if not isinstance(default, list) else f"`{default}`"
+        rows.append(f"| `{key}` | {shown} | {field.description or ''} |")
+    return "\n".join(rows)
+
+
+def _section_type(annotation: Any) -> type[Section] | None:
+    if isinstance(annotation, type) and issubclass(annotation, Section):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        if isinstance(arg, type) and issubclass(arg, Section):
+            return arg
+    return None

@@ -1,0 +1,57 @@
+import pytest
+
+from bitnet_rl.errors import UserError
+from bitnet_rl.recipe import Recipe, load_recipe, reference_markdown
+
+
+def test_defaults_and_overrides(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("optimizer:\n  lr: 0.001\nquant:\n  schedule:\n    kind: linear\n    warmup_steps: 100\n")
+    recipe = load_recipe(path, ["optimizer.lr=3e-4", "quant.granularity=per_group", "train.max_steps=7"])
+    assert recipe.optimizer.lr == 3e-4
+    assert recipe.optimizer.betas == (0.9, 0.95) and recipe.optimizer.weight_decay == 0.0
+    assert recipe.quant.schedule.kind == "linear" and recipe.quant.schedule.warmup_steps == 100
+    assert recipe.quant.granularity == "per_group" and recipe.train.max_steps == 7
+    assert load_recipe(None).model_dump() == Recipe().model_dump()
+
+
+@pytest.mark.parametrize(
+    "text, overrides, match",
+    [
+        ("optimizer:\n  learning_rate: 1\n", [], r"r.yaml: unknown key optimizer.learning_rate"),
+        ("train:\n  max_steps: many\n", [], r"r.yaml: train.max_steps: .*integer"),
+        ("quant:\n  granularity: per_row\n", [], r"quant.granularity"),
+        ("", ["quant.schedule.value=1.5"], r"quant.schedule.value"),
+        ("", ["nonsense"], r"expected key.sub=value"),
+        ("optimizer: [1, 2\n", [], r"r.yaml:\d+: invalid YAML"),
+        ("- a\n- b\n", [], r"must be a mapping"),
+    ],
+)
+def test_errors_name_file_and_key(tmp_path, text, overrides, match):
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    with pytest.raises(UserError, match=match):
+        load_recipe(path, overrides)
+
+
+def test_missing_recipe(tmp_path):
+    with pytest.raises(UserError, match="recipe not found"):
+        load_recipe(tmp_path / "nope.yaml")
+
+
+def test_reference_lists_every_leaf_key():
+    table = reference_markdown()
+    for key in ("optimizer.lr", "quant.schedule.warmup_steps", "train.loss_aggregation", "logging.report_to"):
+        assert f"`{key}`" in table
+
+
+def test_shipped_recipes_validate():
+    from pathlib import Path
+
+    from bitnet_rl.recipe import read_yaml, validate
+
+    root = Path(__file__).resolve().parents[1] / "recipes"
+    files = sorted(root.rglob("*.yaml"))
+    assert files
+    for file in files:
+        validate(Recipe, read_yaml(file), str(file))
