@@ -50,6 +50,55 @@ def info(model_dir: Path = typer.Argument(..., help="A local model directory."))
     typer.echo(model_summary(model_dir))
 
 
+def flag_overrides(model: str | None = None, data: str | None = None, out: str | None = None, **more: str | None) -> list[str]:
+    """Command-line flags as recipe overrides (applied after the recipe's own overrides)."""
+    pairs = []
+    if model is not None:
+        pairs += [f"model.path={model}", "model.tiny=null"]
+    if data is not None:
+        pairs.append(f"data.path={data}")
+    if out is not None:
+        pairs.append(f"out={out}")
+    pairs += [f"{key}={value}" for key, value in more.items() if value is not None]
+    return pairs
+
+
+MODEL_HELP = "Policy directory (overrides model.path): BitNet master weights, a bitnet-rl checkpoint or run dir, or a dense Llama-style LM."
+RESUME_HELP = "Resume from `latest` (newest OUT/checkpoints/step-*) or a checkpoint directory."
+
+
+@app.command()
+@user_errors
+def sft(
+    recipe: Path = typer.Argument(..., help="SFT recipe YAML (see `bitnet-rl recipe reference`)."),
+    overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP),
+    model: Optional[str] = typer.Option(None, "--model", help=MODEL_HELP),
+    data: Optional[str] = typer.Option(None, "--data", help="Training data (overrides data.path): a file, a datasets dir, or `demo`."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output directory (overrides out)."),
+    resume: Optional[str] = typer.Option(None, "--resume", help=RESUME_HELP),
+) -> None:
+    """Supervised fine-tuning with BitLinear, λ warm-up, checkpoints and metrics.jsonl."""
+    from bitnet_rl.recipe import load_recipe
+    from bitnet_rl.train.sft import run_sft
+
+    resolved = load_recipe(recipe, list(overrides or []) + flag_overrides(model, data, None if out is None else str(out)))
+    final = run_sft(resolved, resume=resume)
+    typer.echo(f"saved {final}")
+
+
+@app.command()
+@user_errors
+def quickstart(
+    out: Path = typer.Option(Path("runs/quickstart"), "--out", help="Where the stages write their checkpoints."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Optimizer steps of the SFT stage (default: the recipe's)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+) -> None:
+    """Train a tiny BitNet model end to end on the demo task (CPU, minutes) and print a before/after table."""
+    from bitnet_rl.quickstart import run_quickstart
+
+    run_quickstart(out, steps=steps, progress=progress, echo=typer.echo)
+
+
 @recipe_app.command("show")
 @user_errors
 def recipe_show(

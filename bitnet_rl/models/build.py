@@ -1,0 +1,48 @@
+"""Build the policy a recipe names: a tiny random BitNet, or `load_policy` of a local directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from bitnet_rl.errors import UserError
+from bitnet_rl.models.convert import to_bitlinear
+from bitnet_rl.models.io import load_policy, load_tokenizer
+from bitnet_rl.recipe import ModelConfig, QuantConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def resolve_dtype(name: str, device: str | torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return DTYPES[name]
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """A run directory (`OUT/`) stands for its final model (`OUT/final`)."""
+    path = Path(path)
+    if not (path / "config.json").exists() and (path / "final" / "config.json").exists():
+        return path / "final"
+    return path
+
+
+def build_policy(model_cfg: ModelConfig, quant: QuantConfig, lam: float, device: str | torch.device = "cpu", seed: int = 0):
+    """(policy with BitLinear projections, tokenizer) as the recipe's `model` section says."""
+    dtype = resolve_dtype(model_cfg.dtype, device)
+    settings = dict(
+        granularity=quant.granularity,
+        group_size=quant.group_size,
+        quantize_activations=quant.activations == "int8",
+        lam=lam,
+    )
+    if model_cfg.tiny is not None:
+        from bitnet_rl.models.tiny import tiny_bitnet
+
+        model, tokenizer = tiny_bitnet(shape=model_cfg.tiny, seed=seed)
+        return to_bitlinear(model, **settings).to(device=device, dtype=dtype), tokenizer
+    if not model_cfg.path:
+        raise UserError("model.path is not set (give --model DIR, model.path=DIR or model.tiny)")
+    path = resolve_model_dir(model_cfg.path)
+    return load_policy(path, quant=quant, lam=lam, dtype=dtype, device=device), load_tokenizer(path)
