@@ -88,6 +88,25 @@ def sft(
 
 @app.command()
 @user_errors
+def dpo(
+    prefs: Optional[str] = typer.Option(None, "--prefs", help="Preference pairs (prompt, chosen, rejected): .jsonl/.json/.parquet or a datasets dir; `demo` for the demo task."),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", help="DPO recipe YAML (optional: the defaults are complete)."),
+    model: Optional[str] = typer.Option(None, "--model", help=MODEL_HELP),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output directory (overrides out)."),
+    resume: Optional[str] = typer.Option(None, "--resume", help=RESUME_HELP),
+    overrides: Optional[List[str]] = typer.Argument(None, help="Recipe overrides, e.g. dpo.beta=0.1 dpo.loss_type=ipo."),
+) -> None:
+    """Direct preference optimization against a frozen (2-bit ternary) reference."""
+    from bitnet_rl.recipe import load_recipe
+    from bitnet_rl.train.dpo import DPO_DEFAULTS, run_dpo
+
+    extra = flag_overrides(model, prefs, None if out is None else str(out))
+    resolved = load_recipe(recipe, list(overrides or []) + extra, base=DPO_DEFAULTS)
+    typer.echo(f"saved {run_dpo(resolved, resume=resume)}")
+
+
+@app.command()
+@user_errors
 def quickstart(
     out: Path = typer.Option(Path("runs/quickstart"), "--out", help="Where the stages write their checkpoints."),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Optimizer steps of the SFT stage (default: the recipe's)."),

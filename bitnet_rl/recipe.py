@@ -85,7 +85,8 @@ class SchedulerConfig(Section):
 
 
 class TrainConfig(Section):
-    max_steps: int = Field(1000, gt=0, description="Optimizer steps to run.")
+    max_steps: int = Field(1000, gt=0, description="Optimizer steps to run (unless `epochs` is set).")
+    epochs: float | None = Field(None, gt=0, description="If set, train this many passes over the data instead of max_steps.")
     batch_size: int = Field(8, gt=0, description="Sequences per micro-batch (per device).")
     grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
     loss_aggregation: Literal["mean", "sum"] = Field(
@@ -109,6 +110,16 @@ class LoggingConfig(Section):
     health_every: int = Field(10, ge=0, description="Ternary health (code fractions, flip rate) every N steps (0: off).")
 
 
+class DPOConfig(Section):
+    beta: float = Field(0.1, gt=0, description="DPO β: strength of the implicit KL constraint to the reference.")
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = Field("sigmoid", description="DPO loss: sigmoid (DPO), ipo, hinge (SLiC), robust (cDPO-style noise-robust).")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Assumed share of flipped labels (sigmoid and robust).")
+    reference: Literal["ternary", "precompute", "full"] = Field(
+        "ternary",
+        description="Frozen reference: a 2-bit packed ternary copy (default), log-probs precomputed once before training, or a full-precision copy.",
+    )
+
+
 class Recipe(Section):
     out: str = Field("runs/out", description="Output directory (checkpoints, metrics.jsonl).")
     model: ModelConfig = Field(default_factory=ModelConfig, description="Policy to load.")
@@ -119,6 +130,7 @@ class Recipe(Section):
     train: TrainConfig = Field(default_factory=TrainConfig, description="Training loop.")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Checkpointing.")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Metrics and progress.")
+    dpo: DPOConfig = Field(default_factory=DPOConfig, description="DPO (bitnet-rl dpo).")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

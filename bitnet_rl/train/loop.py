@@ -168,6 +168,9 @@ def train(stage: Stage, recipe: Recipe, resume: str | None = None) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     accelerator = make_accelerator(recipe, out_dir)
     model, tcfg = stage.model, recipe.train
+    if tcfg.epochs is not None:
+        per_step = tcfg.batch_size * tcfg.grad_accum * accelerator.num_processes
+        tcfg.max_steps = max(1, math.ceil(tcfg.epochs * len(stage.examples) / per_step))
     state = LoopState()
     checkpoint = find_checkpoint(out_dir, resume) if resume else None
     if checkpoint is not None:

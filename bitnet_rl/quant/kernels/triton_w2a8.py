@@ -1,0 +1,316 @@
+"""Triton W2A8 kernel: int8 activations × 2-bit ternary weights (kernel layout of `quant/pack.py`).
+
+One kernel serves decode (GEMV / skinny GEMM) and prefill (GEMM); only the tile shape changes.
+It computes the transposed product `yᵀ = W · xᵀ` ("swap AB"): the weight tile is the dot's
+left operand, so the matrix unit's 16-row minimum falls on the weight rows and a batch of one
+token wastes only the narrow right operand. Per step the kernel loads a `(BLOCK_N, BLOCK_KB)`
+tile of packed bytes, splits each byte into its four bit planes (each plane is 32 contiguous
+k values per 32-byte chunk), and issues one int8 dot per plane against the matching
+activation columns. Stored values are `code + 1` in {0, 1, 2}; the kernel subtracts the token's
+activation sum at the end (per plane for per-group scales), so unpacking is shift + mask only.
+On NVIDIA GPUs that is one PTX `shr` + `and` per four codes (inline assembly on packed bytes).
+
+Split-K (grid axis 2) adds float32 partials with atomics into a zeroed output.
+Configurations come from `select_config` (a heuristic) or `tune` (timed once per shape).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from bitnet_rl.quant.pack import KERNEL_CHUNK, KERNEL_PLANE
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _unpack_plane(w, SHIFT: tl.constexpr, USE_ASM: tl.constexpr):
+    """Bit plane SHIFT (0..3) of packed bytes `w` as int8 values in {0, 1, 2}."""
+    if USE_ASM:
+        if SHIFT == 0:
+            v = tl.inline_asm_elementwise("and.b32 $0, $1, 0x03030303;", "=r,r", [w], dtype=tl.int8, is_pure=True, pack=4)
+        elif SHIFT == 1:
+            v = tl.inline_asm_elementwise(
+                "shr.b32 $0, $1, 2;\n\tand.b32 $0, $0, 0x03030303;", "=r,r", [w], dtype=tl.int8, is_pure=True, pack=4
+            )
+        elif SHIFT == 2:
+            v = tl.inline_asm_elementwise(
+                "shr.b32 $0, $1, 4;\n\tand.b32 $0, $0, 0x03030303;", "=r,r", [w], dtype=tl.int8, is_pure=True, pack=4
+            )
+        else:
+            v = tl.inline_asm_elementwise("shr.b32 $0, $1, 6;\n\tand.b32 $0, $0, 0x03030303;", "=r,r", [w], dtype=tl.int8, is_pure=True, pack=4)
+    else:
+        v = ((w >> (2 * SHIFT)) & 3).to(tl.int8)
+    return v
+
+
+@triton.jit
+def _w2a8_kernel(
+    x_ptr, xdq_ptr, xsum_ptr,  # int8 (M, >=K), float32 (M,), int32 (M,)
+    w_ptr, wdq_ptr, bias_ptr,  # uint8 (N, KB), float32 scales, float32 (N,)
+    y_ptr,  # (M, N): float out dtype, float32 when ATOMIC, int32 when INT_OUT
+    M, N, K,
+    stride_xm, stride_wn, stride_ym, stride_gn,
+    kb_per_split, group_size,
+    SCALE_MODE: tl.constexpr,  # 0 per tensor, 1 per channel, 2 per group
+    HAS_BIAS: tl.constexpr,
+    ATOMIC: tl.constexpr,
+    INT_OUT: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_KB: tl.constexpr,
+    USE_ASM: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_b = tl.arange(0, BLOCK_KB)
+    n_mask = offs_n < N
+    m_mask = offs_m < M
+    kb_lo = pid_k * kb_per_split
+
+    w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + (kb_lo + offs_b)[None, :]
+    x_rows = x_ptr + offs_m[None, :].to(tl.int64) * stride_xm
+    if SCALE_MODE == 2:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
+
+    for step in range(0, kb_per_split // BLOCK_KB):
+        kb = kb_lo + step * BLOCK_KB
+        w = tl.load(w_ptrs, mask=n_mask[:, None], other=0)
+        cols = kb + offs_b
+        k_plane0 = (cols // 32) * 128 + (cols % 32)
+        for s in tl.static_range(4):
+            kk = k_plane0 + 32 * s
+            if EVEN_K:
+                xt = tl.load(x_rows + kk[:, None], mask=m_mask[None, :], other=0)
+            else:
+                xt = tl.load(x_rows + kk[:, None], mask=m_mask[None, :] & (kk < K)[:, None], other=0)
+            codes = _unpack_plane(w, s, USE_ASM)
+            if SCALE_MODE == 2:
+                part = tl.dot(codes, xt, out_dtype=tl.int32)
+                part = part - tl.sum(xt.to(tl.int32), axis=0)[None, :]
+                group = ((kb // 32) * 128 + 32 * s) // group_size
+                g_scale = tl.load(wdq_ptr + offs_n * stride_gn + group, mask=n_mask, other=0.0)
+                acc += part.to(tl.float32) * g_scale[:, None]
+            else:
+                acc = tl.dot(codes, xt, acc, out_dtype=tl.int32)
+        w_ptrs += BLOCK_KB
+
+    y_ptrs = y_ptr + offs_m[None, :].to(tl.int64) * stride_ym + offs_n[:, None]
+    out_mask = n_mask[:, None] & m_mask[None, :]
+    if SCALE_MODE != 2:
+        x_sum = tl.load(xsum_ptr + offs_m, mask=m_mask, other=0)
+        if ATOMIC:
+            x_sum = x_sum * (pid_k == 0).to(tl.int32)
+        acc = acc - x_sum[None, :]
+    if INT_OUT:
+        if ATOMIC:
+            tl.atomic_add(y_ptrs, acc, mask=out_mask)
+        else:
+            tl.store(y_ptrs, acc, mask=out_mask)
+    else:
+        x_dq = tl.load(xdq_ptr + offs_m, mask=m_mask, other=0.0)
+        if SCALE_MODE == 0:
+            out = acc.to(tl.float32) * x_dq[None, :] * tl.load(wdq_ptr)
+        elif SCALE_MODE == 1:
+            w_dq = tl.load(wdq_ptr + offs_n, mask=n_mask, other=0.0)
+            out = acc.to(tl.float32) * x_dq[None, :] * w_dq[:, None]
+        else:
+            out = acc * x_dq[None, :]
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0)
+            if ATOMIC:
+                bias = bias * (pid_k == 0).to(tl.float32)
+            out = out + bias[:, None]
+        if ATOMIC:
+            tl.atomic_add(y_ptrs, out, mask=out_mask)
+        else:
+            tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=out_mask)
+
+
+@dataclass(frozen=True)
+class Config:
+    block_n: int
+    block_m: int
+    block_kb: int
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 8
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def m_class(m: int) -> int:
+    """Tuning bucket of a row count: 16, 64, 256 or 0 (large, prefill)."""
+    for bound in (16, 64, 256):
+        if m <= bound:
+            return bound
+    return 0
+
+
+def _splits(steps: int, cap: int = 8) -> list[int]:
+    return [d for d in range(1, min(steps, cap) + 1) if steps % d == 0]
+
+
+def _block_kbs(kb: int, group: bool, options=(128, 64, 32)) -> list[int]:
+    if group:
+        return [KERNEL_PLANE]
+    return [b for b in options if kb % b == 0]
+
+
+def select_config(m: int, n: int, kb: int, group: bool, device: torch.device) -> Config:
+    """Heuristic tile for `(M, N)` outputs over `kb` packed bytes per row (the tuned one if any)."""
+    tuned = _TUNED.get((m_class(m), n, kb, group))
+    if tuned is not None:
+        return tuned
+    mc = m_class(m)
+    block_m, block_n, warps, stages = {16: (16, 32, 4, 4), 64: (64, 64, 4, 3), 256: (128, 64, 4, 3), 0: (128, 128, 8, 3)}[mc]
+    block_kb = _block_kbs(kb, group, (64, 32))[0]
+    programs = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
+    split = 1
+    if mc:
+        target = 2 * _num_sms(device)
+        for d in _splits(kb // block_kb):
+            split = d
+            if programs * d >= target:
+                break
+    return Config(block_n, block_m, block_kb, split, warps, stages)
+
+
+def candidates(m: int, n: int, kb: int, group: bool) -> list[Config]:
+    """Configurations `tune` times for one shape."""
+    mc = m_class(m)
+    if mc == 16:
+        tiles = [(16, 16, 4, 4), (32, 16, 4, 4), (64, 16, 4, 3), (128, 16, 4, 3)]
+    elif mc == 64:
+        tiles = [(32, 64, 4, 3), (64, 64, 4, 3), (128, 64, 4, 3)]
+    elif mc == 256:
+        tiles = [(64, 128, 4, 3), (128, 128, 8, 3), (128, 64, 4, 3)]
+    else:
+        tiles = [(128, 128, 8, 3), (128, 128, 8, 4), (256, 128, 8, 3), (128, 256, 8, 3)]
+    out = []
+    for block_n, block_m, warps, stages in tiles:
+        for block_kb in _block_kbs(kb, group, (128, 64)) or [KERNEL_PLANE]:
+            steps = kb // block_kb
+            splits = _splits(steps) if mc else [1]
+            for split in splits:
+                out.append(Config(block_n, block_m, block_kb, split, warps, stages))
+    if not out:
+        out.append(select_config(m, n, kb, group, torch.device("cpu")))
+    return out
+
+
+_TUNED: dict[tuple[int, int, int, bool], Config] = {}
+
+
+def launch(
+    x_int8: torch.Tensor,
+    act_dequant: torch.Tensor,
+    act_sum: torch.Tensor,
+    weight,
+    out: torch.Tensor,
+    config: Config,
+    *,
+    int_only: bool = False,
+) -> torch.Tensor:
+    """Run the kernel with `config` into `out` `(M, N)` (zeroed here first when split-K)."""
+    m = x_int8.shape[0]
+    n, kb = weight.packed.shape
+    mode = weight.dequant.dim()
+    atomic = config.split_k > 1
+    if atomic:
+        if out.dtype not in (torch.float32, torch.int32):
+            raise ValueError("split-K needs a float32 (or int32) output")
+        out.zero_()
+    if x_int8.stride(-1) != 1 or out.stride(-1) != 1 or weight.packed.stride(-1) != 1:
+        raise ValueError("w2a8: last dimensions must be contiguous")
+    grid = (triton.cdiv(n, config.block_n), triton.cdiv(m, config.block_m), config.split_k)
+    bias = weight.bias if weight.bias is not None else act_dequant
+    _w2a8_kernel[grid](
+        x_int8, act_dequant, act_sum,
+        weight.packed, weight.dequant, bias,
+        out,
+        m, n, weight.in_features,
+        x_int8.stride(0), weight.packed.stride(0), out.stride(0), weight.dequant.stride(0) if mode == 2 else 0,
+        kb // config.split_k, max(weight.group_size, 1),
+        SCALE_MODE=mode,
+        HAS_BIAS=weight.bias is not None and not int_only,
+        ATOMIC=atomic,
+        INT_OUT=int_only,
+        EVEN_K=weight.in_features % KERNEL_CHUNK == 0 and x_int8.shape[1] >= weight.in_features,
+        BLOCK_N=config.block_n,
+        BLOCK_M=config.block_m,
+        BLOCK_KB=config.block_kb,
+        USE_ASM=not INTERPRET and x_int8.is_cuda,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
+    return out
+
+
+def w2a8_matmul(
+    x_int8: torch.Tensor,
+    act_dequant: torch.Tensor,
+    act_sum: torch.Tensor,
+    weight,
+    *,
+    out: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.float32,
+    int_only: bool = False,
+    config: Config | None = None,
+) -> torch.Tensor:
+    """`(M, N)` W2A8 product (see `w2a8.w2a8_matmul`). `int_only` needs per-tensor/channel scales."""
+    if int_only and weight.group_size:
+        raise ValueError("int_only needs per-tensor or per-channel scales")
+    m = x_int8.shape[0]
+    n, kb = weight.packed.shape
+    if config is None:
+        config = select_config(m, n, kb, bool(weight.group_size), x_int8.device)
+    if out is None:
+        dtype = torch.int32 if int_only else (torch.float32 if config.split_k > 1 else out_dtype)
+        out = torch.empty((m, n), dtype=dtype, device=x_int8.device)
+        launch(x_int8, act_dequant, act_sum, weight, out, config, int_only=int_only)
+        return out if out.dtype == (torch.int32 if int_only else out_dtype) else out.to(out_dtype)
+    if config.split_k > 1 and out.dtype not in (torch.float32, torch.int32):
+        config = Config(config.block_n, config.block_m, config.block_kb, 1, config.num_warps, config.num_stages)
+    return launch(x_int8, act_dequant, act_sum, weight, out, config, int_only=int_only)
+
+
+def tune(weight, m: int, *, warmup_ms: int = 5, rep_ms: int = 20, verbose: bool = False) -> list[tuple[float, Config]]:
+    """Time every candidate for `weight` at `m` rows; remember the fastest. Returns (µs, config) sorted."""
+    n, kb = weight.packed.shape
+    group = bool(weight.group_size)
+    device = weight.packed.device
+    x = torch.randint(-127, 128, (m, weight.in_features), dtype=torch.int8, device=device)
+    xdq = torch.rand(m, device=device) * 1e-2
+    xsum = x.sum(-1, dtype=torch.int32)
+    out = torch.empty((m, n), dtype=torch.float32, device=device)
+    results = []
+    for config in candidates(m, n, kb, group):
+        fn = lambda c=config: launch(x, xdq, xsum, weight, out, c)  # noqa: E731
+        try:
+            fn()
+            ms = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+        except Exception as err:  # a tile that does not compile or fit is just skipped
+            if verbose:
+                print(f"skip {config}: {type(err).__name__}: {err}")
+            continue
+        results.append((ms * 1e3, config))
+    results.sort(key=lambda r: r[0])
+    if results:
+        _TUNED[(m_class(m), n, kb, group)] = results[0][1]
+    return results
