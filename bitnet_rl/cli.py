@@ -107,6 +107,47 @@ def dpo(
 
 @app.command()
 @user_errors
+def rm(
+    prefs: Optional[str] = typer.Option(None, "--prefs", help="Preference pairs (prompt, chosen, rejected), or `demo`."),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", help="Reward-model recipe YAML (optional)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Backbone: an SFT checkpoint, any causal LM, or a reward model to continue."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output directory; OUT/final is what `ppo --reward` takes."),
+    resume: Optional[str] = typer.Option(None, "--resume", help=RESUME_HELP),
+    overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP),
+) -> None:
+    """Train a Bradley-Terry reward model (BitLinear backbone + scalar head)."""
+    from bitnet_rl.recipe import load_recipe
+    from bitnet_rl.train.rm import RM_DEFAULTS, run_rm
+
+    extra = flag_overrides(model, prefs, None if out is None else str(out))
+    resolved = load_recipe(recipe, list(overrides or []) + extra, base=RM_DEFAULTS)
+    typer.echo(f"saved {run_rm(resolved, resume=resume)}")
+
+
+@app.command()
+@user_errors
+def ppo(
+    reward: Optional[List[str]] = typer.Option(None, "--reward", help="Reward: a reward-model dir, python:FILE.py:FUNCTION or module:FUNCTION (repeat to sum)."),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", help="PPO recipe YAML (optional)."),
+    model: Optional[str] = typer.Option(None, "--model", help=MODEL_HELP),
+    prompts: Optional[str] = typer.Option(None, "--prompts", help="Prompts file (field prompt or messages), or `demo`."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output directory (overrides out)."),
+    resume: Optional[str] = typer.Option(None, "--resume", help=RESUME_HELP),
+    overrides: Optional[List[str]] = typer.Argument(None, help="Recipe overrides, e.g. ppo.advantage=grpo ppo.samples_per_prompt=4."),
+) -> None:
+    """PPO / GRPO / RLOO / REINFORCE++ with a KL penalty to the frozen reference, sampling with the packed generator."""
+    from bitnet_rl.recipe import RewardSpec, load_recipe
+    from bitnet_rl.train.ppo import PPO_DEFAULTS, run_ppo
+
+    extra = flag_overrides(model, None, None if out is None else str(out), **{"ppo.prompts": prompts})
+    resolved = load_recipe(recipe, list(overrides or []) + extra, base=PPO_DEFAULTS)
+    if reward:
+        resolved.ppo.rewards = [RewardSpec(source=spec) for spec in reward]
+    typer.echo(f"saved {run_ppo(resolved, resume=resume)}")
+
+
+@app.command()
+@user_errors
 def quickstart(
     out: Path = typer.Option(Path("runs/quickstart"), "--out", help="Where the stages write their checkpoints."),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Optimizer steps of the SFT stage (default: the recipe's)."),

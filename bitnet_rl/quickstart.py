@@ -47,6 +47,7 @@ class Context:
     tokenizer: Any = None
     checkpoints: dict[str, Path] = field(default_factory=dict)
     rows: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 def demo_reward():
@@ -98,7 +99,93 @@ def stage_sft(ctx: Context) -> Path:
     return run_sft(validate(Recipe, data, "quickstart sft recipe"))
 
 
-STAGES: list[tuple[str, Callable[[Context], Path]]] = [("init", stage_init), ("sft", stage_sft)]
+DPO_RECIPE: dict[str, Any] = {
+    "data": {"path": "demo", "format": "prefs", "demo_size": 2000, "max_length": 32, "max_prompt_length": 16, "val_fraction": 0.05},
+    "dpo": {"beta": 0.1, "loss_type": "sigmoid", "reference": "ternary"},
+    "optimizer": {"lr": 1e-3},
+    "scheduler": {"kind": "cosine", "warmup_steps": 10},
+    "train": {"max_steps": 150, "batch_size": 32},
+    "logging": {"every": 10, "health_every": 10},
+}
+RM_RECIPE: dict[str, Any] = {
+    "data": {"path": "demo", "format": "prefs", "demo_size": 2000, "max_length": 32, "max_prompt_length": 16, "val_fraction": 0.05},
+    "optimizer": {"lr": 1e-3},
+    "scheduler": {"kind": "cosine", "warmup_steps": 10},
+    "train": {"max_steps": 150, "batch_size": 32},
+    "logging": {"every": 10, "health_every": 0},
+}
+PPO_RECIPE: dict[str, Any] = {
+    "rollout": {"backend": "packed", "max_new_tokens": MAX_NEW_TOKENS, "temperature": 1.0},
+    "ppo": {
+        "prompts": "demo",
+        "num_prompts": 512,
+        "iterations": 40,
+        "prompts_per_iteration": 32,
+        "samples_per_prompt": 1,
+        "advantage": "gae",
+        "kl_coef": 0.05,
+        "epochs": 2,
+        "minibatch_size": 16,
+        "micro_batch_size": 16,
+        "missing_eos_penalty": -1.0,
+    },
+    "optimizer": {"lr": 1e-3},
+    "scheduler": {"kind": "constant"},
+    "logging": {"every": 1, "health_every": 0},
+}
+
+
+def _stage_recipe(ctx: Context, base: dict[str, Any], name: str, model: Path, **extra: Any) -> Recipe:
+    data = {**base, "out": str(ctx.out / name), "model": {"path": str(model)}, **extra}
+    data["logging"] = dict(data.get("logging", {}), progress=ctx.progress)
+    return validate(Recipe, data, f"quickstart {name} recipe")
+
+
+def stage_dpo(ctx: Context) -> Path:
+    from bitnet_rl.train.dpo import run_dpo
+
+    return run_dpo(_stage_recipe(ctx, DPO_RECIPE, "dpo", ctx.checkpoints["sft"]))
+
+
+def stage_rm(ctx: Context) -> Path:
+    from bitnet_rl.train.rm import run_rm
+
+    rm_dir = run_rm(_stage_recipe(ctx, RM_RECIPE, "rm", ctx.checkpoints["sft"]))
+    ctx.notes.append(f"reward model: {_last_metrics(ctx.out / 'rm')}")
+    return rm_dir
+
+
+def stage_ppo_python(ctx: Context) -> Path:
+    from bitnet_rl.train.ppo import run_ppo
+
+    ppo = dict(PPO_RECIPE["ppo"], rewards=[{"source": REWARD_SPEC}])
+    return run_ppo(_stage_recipe(ctx, {**PPO_RECIPE, "ppo": ppo}, "ppo-python", ctx.checkpoints["sft"]))
+
+
+def stage_ppo_learned(ctx: Context) -> Path:
+    from bitnet_rl.train.ppo import run_ppo
+
+    ppo = dict(PPO_RECIPE["ppo"], rewards=[{"source": str(ctx.checkpoints["rm"])}])
+    return run_ppo(_stage_recipe(ctx, {**PPO_RECIPE, "ppo": ppo}, "ppo-rm", ctx.checkpoints["sft"]))
+
+
+def _last_metrics(out: Path) -> str:
+    import json
+
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    last = rows[-1]
+    return ", ".join(f"{k} {last[k]:.3f}" for k in ("val_accuracy", "val_margin") if k in last)
+
+
+# (name, run, evaluated as a policy): later stages start from the SFT checkpoint.
+STAGES: list[tuple[str, Callable[[Context], Path], bool]] = [
+    ("init", stage_init, True),
+    ("sft", stage_sft, True),
+    ("dpo", stage_dpo, True),
+    ("rm", stage_rm, False),
+    ("ppo-python", stage_ppo_python, True),
+    ("ppo-rm", stage_ppo_learned, True),
+]
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -110,20 +197,29 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def run_quickstart(out: Path, steps: int | None = None, progress: bool = True, echo: Callable[[str], None] = print) -> list[dict[str, Any]]:
+def run_quickstart(
+    out: Path, steps: int | None = None, progress: bool = True, echo: Callable[[str], None] = print, stages: list[str] | None = None
+) -> list[dict[str, Any]]:
     """Run every stage in order, evaluate each checkpoint, print the table; returns its rows."""
     torch.manual_seed(0)
     ctx = Context(out=Path(out), steps=steps, progress=progress)
     ctx.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    for name, run in STAGES:
+    for name, run, is_policy in STAGES:
+        if stages is not None and name not in stages:
+            continue
         t0 = time.perf_counter()
         ctx.checkpoints[name] = run(ctx)
         if ctx.tokenizer is None:
             ctx.tokenizer = load_tokenizer(ctx.checkpoints[name])
+        if not is_policy:
+            echo(f"[{name}] {ctx.notes[-1]} ({time.perf_counter() - t0:.0f} s)")
+            continue
         row = evaluate(ctx, name, ctx.checkpoints[name], time.perf_counter() - t0)
         echo(f"[{name}] accuracy {row['accuracy']:.1%}, mean reward {row['reward']:.3f}, held-out loss {row['heldout_loss']:.3f}; e.g. {row['sample']!r}")
     echo("")
     echo(format_table(ctx.rows))
+    for note in ctx.notes:
+        echo(note)
     echo(f"\ntotal wall time {time.perf_counter() - started:.0f} s; checkpoints under {ctx.out}/")
     return ctx.rows

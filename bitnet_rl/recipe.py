@@ -120,6 +120,52 @@ class DPOConfig(Section):
     )
 
 
+class RolloutConfig(Section):
+    backend: Literal["packed", "policy"] = Field(
+        "packed",
+        description="packed: the 2-bit PackedGenerator (samples the fully quantized model); policy: the training model's own generate (exact on-policy during λ warm-up).",
+    )
+    max_new_tokens: int = Field(64, gt=0, description="Longest completion sampled.")
+    temperature: float = Field(1.0, ge=0, description="Sampling temperature (0: greedy).")
+    top_k: int = Field(0, ge=0, description="Keep the k most likely tokens (0: off).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (1: off).")
+
+
+class RewardSpec(Section):
+    source: str = Field(..., description="python:FILE.py:FUNCTION, module.path:FUNCTION, or a reward-model directory.")
+    weight: float = Field(1.0, description="Weight of this source in the summed reward.")
+
+
+class PPOConfig(Section):
+    rewards: list[RewardSpec] = Field(default_factory=list, description="Reward sources, summed with weights (--reward adds one).")
+    prompts: str | None = Field("demo", description="Prompts file (field prompt or messages) or `demo`.")
+    num_prompts: int = Field(512, gt=0, description="Prompts generated when prompts is `demo`.")
+    iterations: int = Field(100, gt=0, description="Rollout + update iterations.")
+    prompts_per_iteration: int = Field(16, gt=0, description="Prompts sampled per iteration (per process).")
+    samples_per_prompt: int = Field(1, gt=0, description="Completions per prompt (≥ 2 for grpo / rloo).")
+    advantage: Literal["gae", "grpo", "rloo", "reinforce_pp"] = Field("gae", description="Advantage estimator.")
+    gamma: float = Field(1.0, ge=0, le=1, description="Discount.")
+    gae_lambda: float = Field(0.95, ge=0, le=1, description="GAE λ.")
+    kl_coef: float = Field(0.05, ge=0, description="KL penalty coefficient (initial value when adaptive).")
+    kl_estimator: Literal["k1", "k2", "k3"] = Field("k1", description="Per-token KL estimator.")
+    kl_mode: Literal["reward", "loss"] = Field("reward", description="KL in the reward (classic RLHF) or as a loss term (GRPO style).")
+    adaptive_kl: bool = Field(False, description="Adapt the KL coefficient towards kl_target (Ziegler et al.).")
+    kl_target: float = Field(6.0, gt=0, description="Target KL per sequence for the adaptive controller.")
+    kl_horizon: float = Field(10000, gt=0, description="Horizon of the adaptive controller.")
+    clip_eps: float = Field(0.2, gt=0, description="PPO ratio clip ε.")
+    value_clip_eps: float = Field(0.2, gt=0, description="Value clip ε.")
+    entropy_coef: float = Field(0.0, ge=0, description="Entropy bonus coefficient.")
+    whiten_advantages: bool = Field(True, description="Normalize advantages over the batch.")
+    epochs: int = Field(2, gt=0, description="Passes over each rollout batch.")
+    minibatch_size: int = Field(8, gt=0, description="Sequences per optimizer step.")
+    micro_batch_size: int = Field(8, gt=0, description="Sequences per forward/backward (gradient accumulation below minibatch_size).")
+    missing_eos_penalty: float | None = Field(None, description="Added to the score of completions that hit max_new_tokens without EOS.")
+    critic: Literal["policy", "reward_model"] = Field("policy", description="Critic backbone for gae: a copy of the SFT policy, or the reward model.")
+    critic_lr: float | None = Field(None, gt=0, description="Critic learning rate (default: optimizer.lr).")
+    eval_every: int = Field(0, ge=0, description="Greedy evaluation on held-out prompts every N iterations (0: only at the end).")
+    eval_prompts: int = Field(128, gt=0, description="Held-out prompts for evaluation (demo task).")
+
+
 class Recipe(Section):
     out: str = Field("runs/out", description="Output directory (checkpoints, metrics.jsonl).")
     model: ModelConfig = Field(default_factory=ModelConfig, description="Policy to load.")
@@ -131,6 +177,8 @@ class Recipe(Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Checkpointing.")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Metrics and progress.")
     dpo: DPOConfig = Field(default_factory=DPOConfig, description="DPO (bitnet-rl dpo).")
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="Sampling for RL.")
+    ppo: PPOConfig = Field(default_factory=PPOConfig, description="PPO / GRPO (bitnet-rl ppo).")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

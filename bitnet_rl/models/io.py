@@ -46,7 +46,8 @@ def read_config(path: str | Path) -> dict[str, Any]:
         raise UserError(f"{config_file}: invalid JSON ({err.msg}, line {err.lineno})") from None
 
 
-def _causal_lm_config(path: Path, raw: dict[str, Any]):
+def clean_config(path: Path, raw: dict[str, Any]):
+    """The model config without its quantization settings (we load master weights ourselves)."""
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -85,7 +86,7 @@ def load_policy(
     path = Path(path)
     raw = read_config(path)
     lam = check_lambda(lam)
-    config = _causal_lm_config(path, raw)
+    config = clean_config(path, raw)
     if quant is None:
         saved = raw.get(OUR_KEY, {}).get("quant")
         quant = QuantConfig(**saved) if saved else QuantConfig()

@@ -160,6 +160,7 @@ class Stage:
     loss_fn: LossFn
     eval_fn: EvalFn | None = None
     extra_modules: dict[str, nn.Module] = field(default_factory=dict)  # e.g. a frozen reference, moved to device
+    final_files: Callable[[nn.Module], dict[str, Callable[[Path], None]]] | None = None  # more files for OUT/final
 
 
 def train(stage: Stage, recipe: Recipe, resume: str | None = None) -> Path:
@@ -270,7 +271,11 @@ def train(stage: Stage, recipe: Recipe, resume: str | None = None) -> Path:
     accelerator.wait_for_everyone()
     final = out_dir / "final"
     if accelerator.is_main_process:
-        save_checkpoint(unwrapped, stage.tokenizer, final, extra={"trainer_state": _state_writer(optimizer, scheduler, state)})
+        extra = {"trainer_state": _state_writer(optimizer, scheduler, state)}
+        if stage.final_files is not None:
+            model.eval()
+            extra.update(stage.final_files(unwrapped))
+        save_checkpoint(unwrapped, stage.tokenizer, final, extra=extra)
     if recipe.logging.report_to:
         accelerator.end_training()
     return final

@@ -1,0 +1,109 @@
+"""Scalar-head models: reward models (one score per sequence) and critics (one value per token).
+
+Both are a causal LM's backbone with a linear `score` head, in the layout of transformers'
+`*ForSequenceClassification` (num_labels = 1), so any architecture with such a class works
+and a saved reward model is a normal HF directory. transformers has no BitNet class for it:
+`BitNetForSequenceClassification` below is its generic implementation on the BitNet backbone
+(load saved BitNet reward models with `load_scalar_model`).
+
+We pool scores ourselves from the attention mask (the last real token), not from
+`pad_token_id`, which breaks when pad and EOS share an id.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from bitnet_rl.errors import UserError
+from bitnet_rl.models.convert import to_bitlinear
+from bitnet_rl.models.io import clean_config, load_policy, read_config
+from bitnet_rl.recipe import QuantConfig
+
+
+from transformers import BitNetPreTrainedModel  # noqa: E402
+from transformers.modeling_layers import GenericForSequenceClassification  # noqa: E402
+
+
+class BitNetForSequenceClassification(GenericForSequenceClassification, BitNetPreTrainedModel):
+    """BitNet backbone + linear `score` head (transformers' generic sequence classifier)."""
+
+
+def classifier_class(model_type: str):
+    from transformers import AutoModelForSequenceClassification
+
+    return BitNetForSequenceClassification if model_type == "bitnet" else AutoModelForSequenceClassification
+
+
+def backbone(model: nn.Module) -> nn.Module:
+    return getattr(model, model.base_model_prefix)
+
+
+def token_values(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The head's output at every position, float32 `(B, T)`."""
+    hidden = backbone(model)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    return model.score(hidden).squeeze(-1).float()
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last real token of each right-padded row `(B,)`."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (positions * attention_mask.long()).argmax(dim=1)
+
+
+def sequence_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """One score per sequence, read at its last real token, `(B,)`."""
+    values = token_values(model, input_ids, attention_mask)
+    return values.gather(1, last_token_index(attention_mask).unsqueeze(1)).squeeze(1)
+
+
+def load_scalar_model(
+    path: str | Path,
+    *,
+    quant: QuantConfig | None = None,
+    lam: float = 1.0,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+) -> nn.Module:
+    """A scalar-head model with BitLinear projections.
+
+    From a saved reward model (`*ForSequenceClassification`), or from a causal LM directory
+    (SFT policy, base model): its backbone plus a fresh, small random head.
+    """
+    path = Path(path)
+    raw = read_config(path)
+    archs = raw.get("architectures") or []
+    config = clean_config(path, raw)
+    config.num_labels = 1
+    if quant is None:
+        saved = raw.get("bitnet_rl", {}).get("quant")
+        quant = QuantConfig(**saved) if saved else QuantConfig()
+    if any(a.endswith("ForSequenceClassification") for a in archs):
+        if (raw.get("quantization_config") or {}).get("quantization_mode") == "offline":
+            raise UserError(f"{path}: offline-packed reward models are not supported; save it with master weights")
+        try:
+            model = classifier_class(config.model_type).from_pretrained(path, config=config, dtype=dtype)
+        except (OSError, ValueError) as err:
+            raise UserError(f"{path}: cannot load a reward model ({str(err).splitlines()[0]})") from None
+        to_bitlinear(
+            model,
+            granularity=quant.granularity,
+            group_size=quant.group_size,
+            quantize_activations=quant.activations == "int8",
+            lam=lam,
+        )
+        return model.to(device)
+    causal = load_policy(path, quant=quant, lam=lam, dtype=dtype, device="cpu")
+    try:
+        cls = classifier_class(config.model_type)
+        model = cls(config).to(dtype) if cls is BitNetForSequenceClassification else cls.from_config(config, dtype=dtype)
+    except ValueError as err:
+        raise UserError(f"{path}: {raw.get('model_type')} has no sequence-classification head ({err})") from None
+    setattr(model, model.base_model_prefix, backbone(causal))
+    # small random head (std 1/sqrt(H+1), as OpenRLHF): a zero head would pass no gradient to the backbone
+    torch.manual_seed(seed)
+    nn.init.normal_(model.score.weight, std=1.0 / (model.score.in_features + 1) ** 0.5)
+    return model.to(device)

@@ -1,0 +1,123 @@
+"""Bradley-Terry reward-model training: a scalar head on a BitNet (or any HF) backbone.
+
+Loss `-log σ(r(chosen) − r(rejected))` on preference pairs, with BitLinear and the λ schedule
+like the policy, on the shared loop (see `train/sft.py` for why not TRL's trainer: the same
+λ, checkpoint and resume machinery, and TRL's RewardTrainer pools scores by pad id). The saved
+directory is what `--reward DIR` takes; it carries `reward_stats.json`, the mean and std of its
+scores over its training data, which scoring applies to normalize rewards.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from bitnet_rl.data.load import load_records
+from bitnet_rl.data.prefs import PrefCollator, tokenize_prefs
+from bitnet_rl.data.sft import train_val_split
+from bitnet_rl.data.tokenizer import pad_id
+from bitnet_rl.errors import UserError
+from bitnet_rl.models.build import resolve_dtype, resolve_model_dir
+from bitnet_rl.models.io import load_tokenizer
+from bitnet_rl.models.value import load_scalar_model, sequence_scores
+from bitnet_rl.recipe import Recipe
+from bitnet_rl.train.loop import Stage, current_lambda, train
+
+STATS_FILE = "reward_stats.json"
+RM_DEFAULTS: dict[str, Any] = {
+    "out": "runs/rm",
+    "optimizer": {"lr": 1e-5},
+    "scheduler": {"kind": "cosine", "warmup_steps": 10},
+    "train": {"max_steps": 500, "batch_size": 8},
+    "data": {"format": "prefs", "max_length": 1024, "max_prompt_length": 512, "val_fraction": 0.05},
+}
+
+
+def pair_scores(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores of chosen and rejected completions `(B,)` each, in one (2B, T) forward."""
+    ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])
+    attention = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
+    return sequence_scores(model, ids, attention).chunk(2)
+
+
+def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+    """Per-pair `-log σ(r_c − r_r)`, `(B,)`."""
+    return -F.logsigmoid(chosen - rejected)
+
+
+def rm_loss_fn(model: nn.Module, batch: dict[str, torch.Tensor]):
+    chosen, rejected = pair_scores(model, batch)
+    losses = bradley_terry_loss(chosen, rejected)
+    stats = {
+        "accuracy": (chosen > rejected).float().mean(),
+        "margin": (chosen - rejected).detach().mean(),
+        "score/chosen": chosen.detach().mean(),
+        "score/rejected": rejected.detach().mean(),
+    }
+    return losses.mean(), stats, int(batch["chosen_attention_mask"].sum() + batch["rejected_attention_mask"].sum())
+
+
+@torch.no_grad()
+def evaluate_rm(model: nn.Module, examples: list[dict], collate, batch_size: int = 32) -> dict[str, float]:
+    device = next(model.parameters()).device
+    chosen_all, rejected_all = [], []
+    for start in range(0, len(examples), batch_size):
+        batch = {k: v.to(device) for k, v in collate(examples[start : start + batch_size]).items()}
+        chosen, rejected = pair_scores(model, batch)
+        chosen_all.append(chosen.cpu())
+        rejected_all.append(rejected.cpu())
+    chosen, rejected = torch.cat(chosen_all), torch.cat(rejected_all)
+    return {
+        "val_loss": float(bradley_terry_loss(chosen, rejected).mean()),
+        "val_accuracy": float((chosen > rejected).float().mean()),
+        "val_margin": float((chosen - rejected).mean()),
+    }
+
+
+@torch.no_grad()
+def score_stats(model: nn.Module, examples: list[dict], collate, batch_size: int = 32) -> dict[str, float]:
+    """Mean and std of the model's scores over chosen and rejected completions of `examples`."""
+    device = next(model.parameters()).device
+    scores = []
+    for start in range(0, len(examples), batch_size):
+        batch = {k: v.to(device) for k, v in collate(examples[start : start + batch_size]).items()}
+        scores += [s.cpu() for s in pair_scores(model, batch)]
+    allscores = torch.cat(scores)
+    return {"mean": float(allscores.mean()), "std": float(allscores.std().clamp(min=1e-6)), "count": allscores.numel()}
+
+
+def run_rm(recipe: Recipe, resume: str | None = None, device: str | None = None) -> Path:
+    """Train a reward model on the recipe's preference data; returns its directory (`OUT/final`)."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if not recipe.model.path:
+        raise UserError("model.path is not set: give --model DIR (an SFT checkpoint or any causal/classifier LM)")
+    path = resolve_model_dir(recipe.model.path)
+    dtype = resolve_dtype(recipe.model.dtype, device)
+    model = load_scalar_model(path, quant=recipe.quant, lam=current_lambda(recipe, 0), dtype=dtype, device=device)
+    tokenizer = load_tokenizer(path)
+    data = recipe.data
+    records, _ = load_records(data, data.path, "prefs", seed=recipe.train.seed)
+    examples = tokenize_prefs(records, tokenizer, data.max_prompt_length, data.max_length)
+    train_examples, val_examples = train_val_split(examples, data.val_fraction, recipe.train.seed)
+    collate = PrefCollator(pad_id(tokenizer))
+
+    def final_files(trained: nn.Module):
+        stats = score_stats(trained, train_examples, collate)
+        return {STATS_FILE: lambda p: p.write_text(json.dumps(stats, indent=2))}
+
+    stage = Stage(
+        name="rm",
+        model=model,
+        tokenizer=tokenizer,
+        examples=train_examples,
+        collate=collate,
+        loss_fn=rm_loss_fn,
+        eval_fn=(lambda m: evaluate_rm(m, val_examples, collate)) if val_examples else None,
+        final_files=final_files,
+    )
+    return train(stage, recipe, resume=resume)
