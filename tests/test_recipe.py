@@ -55,3 +55,13 @@ def test_shipped_recipes_validate():
     assert files
     for file in files:
         validate(Recipe, read_yaml(file), str(file))
+
+
+def test_readme_recipe_reference_is_current():
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"<!-- recipe-reference:start -->\n(.*)\n<!-- recipe-reference:end -->", readme, re.S)
+    assert block is not None
+    assert block.group(1) == reference_markdown(), "README recipe reference is stale: paste `bitnet-rl recipe reference`"

@@ -1,0 +1,71 @@
+"""Shared pieces of the GPU benchmarks: the BitNet b1.58 2B4T shape, memory and tables."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+SHAPE_2B4T = dict(
+    hidden_size=2560,
+    intermediate_size=6912,
+    num_attention_heads=20,
+    num_key_value_heads=5,
+    vocab_size=128256,
+    max_position_embeddings=4096,
+    rope_theta=500000.0,
+    tie_word_embeddings=False,
+)
+
+
+def bitnet_2b4t(layers: int = 30, dtype=torch.bfloat16, device="cuda", seed: int = 0):
+    """A random `BitNetForCausalLM` of the 2B4T shape (`layers` decoder layers), plain nn.Linear."""
+    from transformers import BitNetConfig, BitNetForCausalLM
+
+    torch.manual_seed(seed)
+    config = BitNetConfig(num_hidden_layers=layers, pad_token_id=0, bos_token_id=1, eos_token_id=2, **SHAPE_2B4T)
+    with torch.device(device):
+        model = BitNetForCausalLM(config).to(dtype)
+    return model
+
+
+def reset_peak() -> None:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib() -> float:
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 2**30
+
+
+def now_gib() -> float:
+    torch.cuda.synchronize()
+    return torch.cuda.memory_allocated() / 2**30
+
+
+def timed(fn, repeats: int = 5, warmup: int = 2) -> float:
+    """Median seconds of `fn()` over `repeats` runs after `warmup` runs (synchronized)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def table(headers: list[str], rows: list[list]) -> str:
+    def cell(value):
+        return f"{value:,.2f}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
