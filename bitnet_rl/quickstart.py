@@ -18,7 +18,7 @@ import torch
 from bitnet_rl.data.demo import format_completion, make_prompts
 from bitnet_rl.data.sft import SFTCollator, tokenize_sft
 from bitnet_rl.data.tokenizer import pad_id
-from bitnet_rl.eval.task import sample, task_metrics
+from bitnet_rl.eval.task import kl_to_reference, sample, task_metrics
 from bitnet_rl.models.io import load_policy, load_tokenizer, save_checkpoint
 from bitnet_rl.recipe import Recipe, TinyModelConfig, validate
 from bitnet_rl.rewards.python_fn import PythonReward
@@ -33,8 +33,8 @@ SFT_RECIPE: dict[str, Any] = {
     "data": {"path": "demo", "demo_size": 4000, "max_length": 32, "val_fraction": 0.05},
     "optimizer": {"lr": 3e-3},
     "scheduler": {"kind": "cosine", "warmup_steps": 20, "min_lr_ratio": 0.1},
-    "train": {"max_steps": 400, "batch_size": 32},
-    "checkpoint": {"every": 200, "keep_last": 1},
+    "train": {"max_steps": 120, "batch_size": 32},
+    "checkpoint": {"every": 60, "keep_last": 1},
     "logging": {"every": 10, "health_every": 20},
 }
 
@@ -74,7 +74,20 @@ def evaluate(ctx: Context, name: str, model_dir: Path, seconds: float) -> dict[s
     samples = sample(generator, ctx.tokenizer, make_prompts(EVAL_PROMPTS, seed=1), MAX_NEW_TOKENS, temperature=0.0)
     metrics = task_metrics(samples, demo_reward(), is_correct)
     loss = evaluate_loss(model, heldout_examples(ctx.tokenizer), SFTCollator(pad_id(ctx.tokenizer)))["val_loss"]
-    row = {"stage": name, "accuracy": metrics["accuracy"], "reward": metrics["reward"], "heldout_loss": loss, "seconds": seconds}
+    drawn = sample(generator, ctx.tokenizer, make_prompts(EVAL_PROMPTS, seed=1), MAX_NEW_TOKENS, temperature=1.0, seed=7)
+    sampled_reward = task_metrics(drawn, demo_reward())["reward"]
+    kl = None
+    if "sft" in ctx.checkpoints and name not in ("init", "sft"):
+        kl = kl_to_reference(model, load_policy(ctx.checkpoints["sft"]).eval(), drawn, pad_id(ctx.tokenizer))
+    row = {
+        "stage": name,
+        "accuracy": metrics["accuracy"],
+        "reward": metrics["reward"],
+        "sampled_reward": sampled_reward,
+        "heldout_loss": loss,
+        "kl": kl,
+        "seconds": seconds,
+    }
     row["sample"] = f"{samples.prompts[0]}{samples.completions[0]}"
     ctx.rows.append(row)
     return row
@@ -101,7 +114,7 @@ def stage_sft(ctx: Context) -> Path:
 
 DPO_RECIPE: dict[str, Any] = {
     "data": {"path": "demo", "format": "prefs", "demo_size": 2000, "max_length": 32, "max_prompt_length": 16, "val_fraction": 0.05},
-    "dpo": {"beta": 0.1, "loss_type": "sigmoid", "reference": "ternary"},
+    "dpo": {"beta": 0.1, "loss_type": "sigmoid", "rpo_alpha": 1.0, "reference": "ternary"},
     "optimizer": {"lr": 1e-3},
     "scheduler": {"kind": "cosine", "warmup_steps": 10},
     "train": {"max_steps": 150, "batch_size": 32},
@@ -109,7 +122,7 @@ DPO_RECIPE: dict[str, Any] = {
 }
 RM_RECIPE: dict[str, Any] = {
     "data": {"path": "demo", "format": "prefs", "demo_size": 2000, "max_length": 32, "max_prompt_length": 16, "val_fraction": 0.05},
-    "optimizer": {"lr": 1e-3},
+    "optimizer": {"lr": 3e-3},
     "scheduler": {"kind": "cosine", "warmup_steps": 10},
     "train": {"max_steps": 150, "batch_size": 32},
     "logging": {"every": 10, "health_every": 0},
@@ -118,19 +131,19 @@ PPO_RECIPE: dict[str, Any] = {
     "rollout": {"backend": "packed", "max_new_tokens": MAX_NEW_TOKENS, "temperature": 1.0},
     "ppo": {
         "prompts": "demo",
-        "num_prompts": 512,
-        "iterations": 40,
-        "prompts_per_iteration": 32,
+        "num_prompts": 1024,
+        "iterations": 100,
+        "prompts_per_iteration": 128,
         "samples_per_prompt": 1,
         "advantage": "gae",
         "kl_coef": 0.05,
-        "epochs": 2,
-        "minibatch_size": 16,
-        "micro_batch_size": 16,
+        "epochs": 1,
+        "minibatch_size": 64,
+        "micro_batch_size": 64,
         "missing_eos_penalty": -1.0,
     },
-    "optimizer": {"lr": 1e-3},
-    "scheduler": {"kind": "constant"},
+    "optimizer": {"lr": 5e-4},
+    "scheduler": {"kind": "constant", "warmup_steps": 10},
     "logging": {"every": 1, "health_every": 0},
 }
 
@@ -165,7 +178,8 @@ def stage_ppo_python(ctx: Context) -> Path:
 def stage_ppo_learned(ctx: Context) -> Path:
     from bitnet_rl.train.ppo import run_ppo
 
-    ppo = dict(PPO_RECIPE["ppo"], rewards=[{"source": str(ctx.checkpoints["rm"])}])
+    # a learned reward can be gamed: a stronger KL anchor keeps the policy near the RM's training data
+    ppo = dict(PPO_RECIPE["ppo"], rewards=[{"source": str(ctx.checkpoints["rm"])}], kl_coef=0.2)
     return run_ppo(_stage_recipe(ctx, {**PPO_RECIPE, "ppo": ppo}, "ppo-rm", ctx.checkpoints["sft"]))
 
 
@@ -189,10 +203,15 @@ STAGES: list[tuple[str, Callable[[Context], Path], bool]] = [
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| stage | accuracy | mean reward | held-out loss | stage time |", "| --- | --- | --- | --- | --- |"]
+    lines = [
+        "| stage | accuracy (greedy) | mean reward (greedy) | mean reward (sampled, T=1) | held-out loss | KL to SFT | stage time |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for row in rows:
+        kl = "—" if row.get("kl") is None else f"{row['kl']:.3f}"
         lines.append(
-            f"| {row['stage']} | {row['accuracy']:.1%} | {row['reward']:.3f} | {row['heldout_loss']:.3f} | {row['seconds']:.0f} s |"
+            f"| {row['stage']} | {row['accuracy']:.1%} | {row['reward']:.3f} | {row['sampled_reward']:.3f} | "
+            f"{row['heldout_loss']:.3f} | {kl} | {row['seconds']:.0f} s |"
         )
     return "\n".join(lines)
 

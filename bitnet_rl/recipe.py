@@ -114,6 +114,9 @@ class DPOConfig(Section):
     beta: float = Field(0.1, gt=0, description="DPO β: strength of the implicit KL constraint to the reference.")
     loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = Field("sigmoid", description="DPO loss: sigmoid (DPO), ipo, hinge (SLiC), robust (cDPO-style noise-robust).")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Assumed share of flipped labels (sigmoid and robust).")
+    rpo_alpha: float = Field(
+        0.0, ge=0, description="Weight of an NLL term on the chosen completions (RPO); keeps their likelihood from falling."
+    )
     reference: Literal["ternary", "precompute", "full"] = Field(
         "ternary",
         description="Frozen reference: a 2-bit packed ternary copy (default), log-probs precomputed once before training, or a full-precision copy.",

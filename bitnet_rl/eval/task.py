@@ -8,6 +8,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from bitnet_rl.data.prompts import encode_prompt
+from bitnet_rl.models.forward import token_logprobs
 
 
 @dataclass
@@ -53,20 +54,24 @@ def task_metrics(samples: Samples, reward, correct_fn: Callable[[str, str], bool
 
 
 @torch.no_grad()
-def completion_logprobs(model, prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int, batch_size: int = 32) -> list[torch.Tensor]:
+def completion_logprobs(model, samples: Samples, pad_id: int, batch_size: int = 32) -> list[torch.Tensor]:
     """Log-prob of each completion token under `model` (teacher forcing), one 1-D tensor per row."""
+    from bitnet_rl.train.experience import completion_columns, pack_sequences
+
     device = next(model.parameters()).device
     out: list[torch.Tensor] = []
-    for start in range(0, len(prompt_ids), batch_size):
-        rows = [p + c for p, c in zip(prompt_ids[start : start + batch_size], completion_ids[start : start + batch_size])]
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)] = torch.tensor(r)
-            mask[i, : len(r)] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1)
-        for i, (p, c) in enumerate(zip(prompt_ids[start : start + batch_size], completion_ids[start : start + batch_size])):
-            out.append(logp[i, len(p) - 1 : len(p) - 1 + len(c)].cpu())
+    for start in range(0, len(samples.prompt_ids), batch_size):
+        prompts = samples.prompt_ids[start : start + batch_size]
+        completions = [c or [pad_id] for c in samples.completion_ids[start : start + batch_size]]
+        ids, attention, prompt_lens, _ = (x.to(device) for x in pack_sequences(prompts, completions, pad_id))
+        per_position = token_logprobs(model, ids, attention)
+        columns = completion_columns(per_position, prompt_lens, max(len(c) for c in completions)).cpu()
+        out += [columns[i, : len(c)] for i, c in enumerate(samples.completion_ids[start : start + batch_size])]
     return out
+
+
+def kl_to_reference(policy, reference, samples: Samples, pad_id: int) -> float:
+    """Mean over samples (drawn from `policy` at temperature 1) of Σ_t log π(y_t) − log π_ref(y_t)."""
+    policy_logps = completion_logprobs(policy, samples, pad_id)
+    reference_logps = completion_logprobs(reference, samples, pad_id)
+    return sum(float((p - r).sum()) for p, r in zip(policy_logps, reference_logps)) / max(len(policy_logps), 1)

@@ -67,11 +67,12 @@ def load_scalar_model(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     seed: int = 0,
+    head: str = "normal",
 ) -> nn.Module:
     """A scalar-head model with BitLinear projections.
 
     From a saved reward model (`*ForSequenceClassification`), or from a causal LM directory
-    (SFT policy, base model): its backbone plus a fresh, small random head.
+    (SFT policy, base model): its backbone plus a fresh head (`head`: small random for reward models, zero for critics).
     """
     path = Path(path)
     raw = read_config(path)
@@ -103,7 +104,9 @@ def load_scalar_model(
     except ValueError as err:
         raise UserError(f"{path}: {raw.get('model_type')} has no sequence-classification head ({err})") from None
     setattr(model, model.base_model_prefix, backbone(causal))
-    # small random head (std 1/sqrt(H+1), as OpenRLHF): a zero head would pass no gradient to the backbone
-    torch.manual_seed(seed)
-    nn.init.normal_(model.score.weight, std=1.0 / (model.score.in_features + 1) ** 0.5)
+    if head == "zero":  # a critic starts at V = 0, so its first advantages are the returns themselves
+        nn.init.zeros_(model.score.weight)
+    else:  # a reward model needs a random head (std 1/sqrt(H+1)): a zero head passes no gradient to the backbone
+        torch.manual_seed(seed)
+        nn.init.normal_(model.score.weight, std=1.0 / (model.score.in_features + 1) ** 0.5)
     return model.to(device)

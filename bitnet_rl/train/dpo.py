@@ -83,7 +83,13 @@ def dpo_loss_fn(cfg: DPOConfig, reference: nn.Module | None):
         )
         stats = dpo_stats(losses, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps)
         tokens = int(batch["chosen_attention_mask"].sum() + batch["rejected_attention_mask"].sum())
-        return losses.mean(), stats, tokens
+        loss = losses.mean()
+        if cfg.rpo_alpha > 0:  # mean NLL per chosen token (length-averaged logps are already per token)
+            chosen_tokens = 1.0 if average else batch["chosen_completion_mask"][:, 1:].sum(dim=1).clamp(min=1)
+            nll = -(chosen_logps / chosen_tokens).mean()
+            stats["nll/chosen"] = nll.detach()
+            loss = loss + cfg.rpo_alpha * nll
+        return loss, stats, tokens
 
     return loss_fn
 

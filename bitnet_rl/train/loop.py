@@ -122,6 +122,13 @@ def build_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=opt.lr, betas=opt.betas, eps=opt.eps, weight_decay=opt.weight_decay)
 
 
+def build_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    sched = recipe.scheduler
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, sched.kind, sched.warmup_steps, total_steps, sched.min_lr_ratio)
+    )
+
+
 def find_checkpoint(out_dir: Path, resume: str) -> Path:
     """`latest` → the newest `OUT/checkpoints/step-*`; anything else is a checkpoint path."""
     if resume == "latest":
@@ -180,10 +187,7 @@ def train(stage: Stage, recipe: Recipe, resume: str | None = None) -> Path:
     if tcfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     optimizer = build_optimizer(model, recipe)
-    sched = recipe.scheduler
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, sched.kind, sched.warmup_steps, tcfg.max_steps, sched.min_lr_ratio)
-    )
+    scheduler = build_scheduler(optimizer, recipe, tcfg.max_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     for module in stage.extra_modules.values():
         module.to(accelerator.device)

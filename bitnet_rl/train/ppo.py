@@ -42,6 +42,7 @@ from bitnet_rl.train.loop import (
     LoopState,
     MetricsLog,
     build_optimizer,
+    build_scheduler,
     current_lambda,
     find_checkpoint,
     load_weights,
@@ -103,7 +104,12 @@ class PPOTrainer:
         self.critic = self._build_critic(device) if cfg.advantage == "gae" else None
         self.prompts = load_prompts(cfg.prompts or "demo", cfg.num_prompts, seed=recipe.train.seed)
         self.prompt_ids = [encode_prompt(self.tokenizer, p) for p in self.prompts]
+        if recipe.train.gradient_checkpointing:
+            self.policy.gradient_checkpointing_enable()
+            if self.critic is not None:
+                self.critic.gradient_checkpointing_enable()
         self.optimizer = build_optimizer(self.policy, recipe)
+        self.scheduler = build_scheduler(self.optimizer, recipe, total_steps=self.total_optimizer_steps())
         self.policy, self.optimizer = self.accelerator.prepare(self.policy, self.optimizer)
         if self.critic is not None:
             self.critic_optimizer = torch.optim.AdamW(
@@ -124,6 +130,11 @@ class PPOTrainer:
             max_seq_len=max_prompt + recipe.rollout.max_new_tokens,
         )
 
+    def total_optimizer_steps(self) -> int:
+        cfg = self.cfg
+        per_iteration = cfg.epochs * -(-cfg.prompts_per_iteration * cfg.samples_per_prompt // cfg.minibatch_size)
+        return cfg.iterations * per_iteration
+
     @property
     def unwrapped(self) -> nn.Module:
         return self.accelerator.unwrap_model(self.policy)
@@ -141,7 +152,7 @@ class PPOTrainer:
                 raise UserError("ppo.critic=policy needs model.path (the SFT checkpoint to copy)")
             source = resolve_model_dir(recipe.model.path)
         lam = current_lambda(recipe, 0)
-        return load_scalar_model(source, quant=recipe.quant, lam=lam, dtype=dtype, device=device)
+        return load_scalar_model(source, quant=recipe.quant, lam=lam, dtype=dtype, device=device, head="zero")
 
     # ---- one iteration -------------------------------------------------------------------
     @torch.no_grad()
@@ -238,17 +249,19 @@ class PPOTrainer:
                 if cfg.kl_mode == "loss":
                     loss = loss + self.kl_ctl.value * adv.masked_mean(kl_estimate(logprobs, part.ref_logprobs, cfg.kl_estimator), part.mask)
             self.accelerator.backward(loss * weight)
-            _add(stats, {"loss/policy": float(loss), "entropy": float(mean_entropy), "clip_frac": float(pstats["clip_frac"]), "approx_kl": float(pstats["approx_kl"])}, weight)
+            _add(stats, {"loss/policy": float(loss.detach()), "entropy": float(mean_entropy.detach()), "clip_frac": float(pstats["clip_frac"]), "approx_kl": float(pstats["approx_kl"])}, weight)
             if self.critic is not None:
                 with self.accelerator.autocast():
                     values = critic_forward(self.critic, part)
                     vloss, vstats = value_loss(values, part.values, part.returns, part.mask, cfg.value_clip_eps)
                 self.accelerator.backward(vloss * weight)
-                _add(stats, {"loss/value": float(vloss), "value_clip_frac": float(vstats["clip_frac"])}, weight)
+                _add(stats, {"loss/value": float(vloss.detach()), "value_clip_frac": float(vstats["clip_frac"])}, weight)
         max_norm = self.recipe.optimizer.max_grad_norm
         if max_norm > 0:
             stats["grad_norm"] = float(self.accelerator.clip_grad_norm_(self.policy.parameters(), max_norm))
+        stats["lr"] = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
+        self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.critic is not None:
             if max_norm > 0:
@@ -308,6 +321,7 @@ class PPOTrainer:
         def write_state(trainer_dir: Path) -> None:
             trainer_dir.mkdir()
             torch.save(self.optimizer.state_dict(), trainer_dir / "optimizer.pt")
+            torch.save(self.scheduler.state_dict(), trainer_dir / "scheduler.pt")
             if self.critic is not None:
                 torch.save(self.critic_optimizer.state_dict(), trainer_dir / "critic_optimizer.pt")
                 save_checkpoint(self.accelerator.unwrap_model(self.critic), None, trainer_dir / "critic")
@@ -323,6 +337,7 @@ class PPOTrainer:
         load_weights(self.unwrapped, checkpoint)
         device = self.accelerator.device
         self.optimizer.load_state_dict(torch.load(trainer_dir / "optimizer.pt", map_location=device, weights_only=True))
+        self.scheduler.load_state_dict(torch.load(trainer_dir / "scheduler.pt", weights_only=True))
         if self.critic is not None:
             load_weights(self.accelerator.unwrap_model(self.critic), trainer_dir / "critic")
             self.critic_optimizer.load_state_dict(torch.load(trainer_dir / "critic_optimizer.pt", map_location=device, weights_only=True))

@@ -16,7 +16,10 @@ Configurations come from `select_config` (a heuristic) or `tune` (timed once per
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +29,7 @@ import triton.language as tl
 from bitnet_rl.quant.pack import KERNEL_CHUNK, KERNEL_PLANE
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+DP4A_MAX_M = 4  # rows up to which the dp4a GEMV kernel is a candidate
 
 
 @triton.jit
@@ -138,16 +142,93 @@ def _w2a8_kernel(
             tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=out_mask)
 
 
+@triton.jit
+def _dp4a(a, b, c, USE_ASM: tl.constexpr):
+    """c + Σ over the 4 bytes of unsigned `a` × signed `b` (PTX dp4a; byte arithmetic otherwise)."""
+    if USE_ASM:
+        r = tl.inline_asm_elementwise("dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        r = c
+        for byte in tl.static_range(4):
+            r += ((a >> (8 * byte)) & 0xFF) * ((b << (24 - 8 * byte)) >> 24)
+    return r
+
+
+@triton.jit
+def _w2a8_gemv_kernel(
+    x_ptr, xdq_ptr, xsum_ptr,  # int32 words of int8 activations (M, K/4)
+    w_ptr, wdq_ptr, bias_ptr,  # int32 words of packed bytes (N, KB/4)
+    y_ptr,
+    M, N, KW,
+    stride_xm, stride_wn, stride_ym,
+    SCALE_MODE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    INT_OUT: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_KW: tl.constexpr,
+    USE_ASM: tl.constexpr,
+):
+    """Decode GEMV for M ≤ 4 on the CUDA cores: one 32-bit word of packed weights holds four
+    bytes = four k values per bit plane; `(w >> 2s) & 0x03030303` yields them as four unsigned
+    bytes, and one dp4a multiplies them with the four matching int8 activations (one int32
+    word of x: byte lane l of chunk c and plane s is k = 128c + 32s + l, so lanes 4i … 4i+3 are
+    4 consecutive k). Three instructions per four weights, no shared memory, no barriers.
+    """
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_w = tl.arange(0, BLOCK_KW)
+    n_mask = offs_n < N
+    m_mask = offs_m < M
+    w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
+    x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
+    acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_KW), dtype=tl.int32)
+    for start in range(0, KW, BLOCK_KW):
+        cols = start + offs_w
+        c_mask = cols < KW
+        w = tl.load(w_rows + cols[None, :], mask=n_mask[:, None] & c_mask[None, :], other=0)
+        x_word0 = (cols // 8) * 32 + (cols % 8)
+        for s in tl.static_range(4):
+            xw = tl.load(x_rows + (x_word0 + 8 * s)[None, :], mask=m_mask[:, None] & c_mask[None, :], other=0)
+            codes = (w >> (2 * s)) & 0x03030303
+            a = tl.broadcast_to(codes[None, :, :], (BLOCK_M, BLOCK_N, BLOCK_KW))
+            b = tl.broadcast_to(xw[:, None, :], (BLOCK_M, BLOCK_N, BLOCK_KW))
+            acc = _dp4a(a, b, acc, USE_ASM)
+    total = tl.sum(acc, axis=2)  # (BLOCK_M, BLOCK_N)
+    x_sum = tl.load(xsum_ptr + offs_m, mask=m_mask, other=0)
+    total = total - x_sum[:, None]
+    y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    if INT_OUT:
+        tl.store(y_ptrs, total, mask=out_mask)
+    else:
+        x_dq = tl.load(xdq_ptr + offs_m, mask=m_mask, other=0.0)
+        if SCALE_MODE == 0:
+            out = total.to(tl.float32) * x_dq[:, None] * tl.load(wdq_ptr)
+        else:
+            w_dq = tl.load(wdq_ptr + offs_n, mask=n_mask, other=0.0)
+            out = total.to(tl.float32) * x_dq[:, None] * w_dq[None, :]
+        if HAS_BIAS:
+            out = out + tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
+        tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=out_mask)
+
+
 @dataclass(frozen=True)
 class Config:
+    """A tile. kind "mma": tensor-core kernel; kind "dp4a": the M ≤ 4 GEMV kernel, whose
+    `block_kb` counts 32-bit words and whose `block_m` is set per call (next power of 2 of M)."""
+
     block_n: int
     block_m: int
     block_kb: int
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 3
+    kind: str = "mma"
 
 
+@functools.lru_cache(maxsize=None)
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 8
@@ -155,8 +236,8 @@ def _num_sms(device: torch.device) -> int:
 
 
 def m_class(m: int) -> int:
-    """Tuning bucket of a row count: 16, 64, 256 or 0 (large, prefill)."""
-    for bound in (16, 64, 256):
+    """Tuning bucket of a row count: 4, 16, 64, 256 or 0 (large, prefill)."""
+    for bound in (DP4A_MAX_M, 16, 64, 256):
         if m <= bound:
             return bound
     return 0
@@ -178,6 +259,9 @@ def select_config(m: int, n: int, kb: int, group: bool, device: torch.device) ->
     if tuned is not None:
         return tuned
     mc = m_class(m)
+    if mc == DP4A_MAX_M and not group:
+        return Config(16, 1, 64, 1, 4, 3, kind="dp4a")
+    mc = max(mc, 16)
     block_m, block_n, warps, stages = {16: (16, 32, 4, 4), 64: (64, 64, 4, 3), 256: (128, 64, 4, 3), 0: (128, 128, 8, 3)}[mc]
     block_kb = _block_kbs(kb, group, (64, 32))[0]
     programs = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
@@ -191,30 +275,43 @@ def select_config(m: int, n: int, kb: int, group: bool, device: torch.device) ->
     return Config(block_n, block_m, block_kb, split, warps, stages)
 
 
+# Tiles `tune` times per row class: (BLOCK_N, BLOCK_M, BLOCK_KB, num_warps, num_stages).
+# BLOCK_KB falls back to 64 / 32 where it does not divide the packed row.
+TILES = {
+    DP4A_MAX_M: [],
+    16: [(16, 16, 128, 4, 4), (32, 16, 64, 4, 4), (32, 16, 128, 4, 3), (64, 16, 64, 4, 3)],
+    64: [(32, 64, 128, 4, 3), (64, 64, 64, 4, 3), (64, 64, 128, 4, 3)],
+    256: [(64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (128, 64, 64, 4, 3)],
+    0: [(128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (256, 128, 64, 8, 3)],
+}
+
+
+# dp4a GEMV tiles for M ≤ DP4A_MAX_M: (BLOCK_N, BLOCK_KW words, num_warps).
+DP4A_TILES = [(8, 64, 4), (16, 64, 4), (16, 128, 4), (32, 64, 4), (32, 128, 8), (64, 64, 8)]
+
+
 def candidates(m: int, n: int, kb: int, group: bool) -> list[Config]:
-    """Configurations `tune` times for one shape."""
+    """Configurations `tune` times for one shape (every split-K factor for decode shapes)."""
     mc = m_class(m)
-    if mc == 16:
-        tiles = [(16, 16, 4, 4), (32, 16, 4, 4), (64, 16, 4, 3), (128, 16, 4, 3)]
-    elif mc == 64:
-        tiles = [(32, 64, 4, 3), (64, 64, 4, 3), (128, 64, 4, 3)]
-    elif mc == 256:
-        tiles = [(64, 128, 4, 3), (128, 128, 8, 3), (128, 64, 4, 3)]
-    else:
-        tiles = [(128, 128, 8, 3), (128, 128, 8, 4), (256, 128, 8, 3), (128, 256, 8, 3)]
     out = []
-    for block_n, block_m, warps, stages in tiles:
-        for block_kb in _block_kbs(kb, group, (128, 64)) or [KERNEL_PLANE]:
-            steps = kb // block_kb
-            splits = _splits(steps) if mc else [1]
-            for split in splits:
-                out.append(Config(block_n, block_m, block_kb, split, warps, stages))
-    if not out:
-        out.append(select_config(m, n, kb, group, torch.device("cpu")))
+    if mc == DP4A_MAX_M and not group:
+        out += [Config(bn, 1, bkw, 1, warps, 3, kind="dp4a") for bn, bkw, warps in DP4A_TILES]
+    for block_n, block_m, block_kb, warps, stages in TILES[mc] if mc != DP4A_MAX_M else TILES[16]:
+        if group:
+            block_kb = KERNEL_PLANE
+        while kb % block_kb:
+            block_kb //= 2
+        if block_kb < KERNEL_PLANE:
+            continue
+        for split in _splits(kb // block_kb) if mc else [1]:
+            config = Config(block_n, block_m, block_kb, split, warps, stages)
+            if config not in out:
+                out.append(config)
     return out
 
 
 _TUNED: dict[tuple[int, int, int, bool], Config] = {}
+_ASM_STATE = {"ok": True}
 
 
 def launch(
@@ -226,27 +323,36 @@ def launch(
     config: Config,
     *,
     int_only: bool = False,
+    use_asm: bool | None = None,
 ) -> torch.Tensor:
     """Run the kernel with `config` into `out` `(M, N)` (zeroed here first when split-K)."""
     m = x_int8.shape[0]
     n, kb = weight.packed.shape
     mode = weight.dequant.dim()
+    if config.kind == "dp4a":
+        if _dp4a_ok(x_int8, weight):
+            return _launch_dp4a(x_int8, act_dequant, act_sum, weight, out, config, int_only=int_only, use_asm=use_asm)
+        config = select_config(max(m, DP4A_MAX_M + 1), n, kb, bool(weight.group_size), x_int8.device)
+    if config.split_k > 1 and out.dtype not in (torch.float32, torch.int32):
+        config = dataclasses.replace(config, split_k=1)  # split-K adds partials with float32/int32 atomics
     atomic = config.split_k > 1
     if atomic:
-        if out.dtype not in (torch.float32, torch.int32):
-            raise ValueError("split-K needs a float32 (or int32) output")
         out.zero_()
     if x_int8.stride(-1) != 1 or out.stride(-1) != 1 or weight.packed.stride(-1) != 1:
         raise ValueError("w2a8: last dimensions must be contiguous")
     grid = (triton.cdiv(n, config.block_n), triton.cdiv(m, config.block_m), config.split_k)
     bias = weight.bias if weight.bias is not None else act_dequant
-    _w2a8_kernel[grid](
+    if use_asm is None:
+        use_asm = _ASM_STATE["ok"] and x_int8.is_cuda and not INTERPRET
+    args = (
         x_int8, act_dequant, act_sum,
         weight.packed, weight.dequant, bias,
         out,
         m, n, weight.in_features,
         x_int8.stride(0), weight.packed.stride(0), out.stride(0), weight.dequant.stride(0) if mode == 2 else 0,
         kb // config.split_k, max(weight.group_size, 1),
+    )
+    meta = dict(
         SCALE_MODE=mode,
         HAS_BIAS=weight.bias is not None and not int_only,
         ATOMIC=atomic,
@@ -255,7 +361,54 @@ def launch(
         BLOCK_N=config.block_n,
         BLOCK_M=config.block_m,
         BLOCK_KB=config.block_kb,
-        USE_ASM=not INTERPRET and x_int8.is_cuda,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
+    try:
+        _w2a8_kernel[grid](*args, USE_ASM=use_asm, **meta)
+    except Exception as err:
+        if not use_asm:
+            raise
+        # Inline PTX this Triton cannot build: fall back to plain shifts (if those work).
+        _w2a8_kernel[grid](*args, USE_ASM=False, **meta)
+        warnings.warn(f"w2a8: inline-asm unpack failed ({type(err).__name__}: {err}); using plain shifts")
+        _ASM_STATE["ok"] = False
+    return out
+
+
+def _dp4a_ok(x_int8: torch.Tensor, weight) -> bool:
+    """The dp4a kernel reads 32-bit words: M ≤ 4, K a multiple of 128, no per-group scales."""
+    return (
+        x_int8.shape[0] <= DP4A_MAX_M
+        and not weight.group_size
+        and weight.in_features % KERNEL_CHUNK == 0
+        and x_int8.shape[1] >= weight.in_features
+        and x_int8.stride(0) % 4 == 0
+        and x_int8.storage_offset() % 4 == 0
+    )
+
+
+def _launch_dp4a(x_int8, act_dequant, act_sum, weight, out, config: Config, *, int_only: bool, use_asm: bool | None) -> torch.Tensor:
+    m = x_int8.shape[0]
+    n = weight.packed.shape[0]
+    x_words = x_int8[:, : weight.in_features].view(torch.int32)
+    w_words = weight.packed.view(torch.int32)
+    if use_asm is None:
+        use_asm = x_int8.is_cuda and not INTERPRET
+    bias = weight.bias if weight.bias is not None else act_dequant
+    _w2a8_gemv_kernel[(triton.cdiv(n, config.block_n),)](
+        x_words, act_dequant, act_sum,
+        w_words, weight.dequant, bias,
+        out,
+        m, n, w_words.shape[1],
+        x_words.stride(0), w_words.stride(0), out.stride(0),
+        SCALE_MODE=weight.dequant.dim(),
+        HAS_BIAS=weight.bias is not None and not int_only,
+        INT_OUT=int_only,
+        BLOCK_N=config.block_n,
+        BLOCK_M=triton.next_power_of_2(m),
+        BLOCK_KW=config.block_kb,
+        USE_ASM=use_asm,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
@@ -285,13 +438,41 @@ def w2a8_matmul(
         out = torch.empty((m, n), dtype=dtype, device=x_int8.device)
         launch(x_int8, act_dequant, act_sum, weight, out, config, int_only=int_only)
         return out if out.dtype == (torch.int32 if int_only else out_dtype) else out.to(out_dtype)
-    if config.split_k > 1 and out.dtype not in (torch.float32, torch.int32):
-        config = Config(config.block_n, config.block_m, config.block_kb, 1, config.num_warps, config.num_stages)
     return launch(x_int8, act_dequant, act_sum, weight, out, config, int_only=int_only)
 
 
-def tune(weight, m: int, *, warmup_ms: int = 5, rep_ms: int = 20, verbose: bool = False) -> list[tuple[float, Config]]:
-    """Time every candidate for `weight` at `m` rows; remember the fastest. Returns (µs, config) sorted."""
+def time_graph(fn, replays: int = 10) -> float:
+    """Milliseconds per call of `fn`, timed as CUDA-graph replays (no launch overhead in the number)."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / replays
+
+
+def rotating_copies(weight, budget_bytes: int = 256 << 20, cap: int = 64) -> list:
+    """Copies of `weight` whose total exceeds the L2 cache, so timing sees memory, not cache."""
+    from bitnet_rl.quant.kernels.w2a8 import PackedWeight
+
+    size = weight.packed.numel() + 4 * weight.dequant.numel()
+    count = max(1, min(cap, budget_bytes // max(size, 1)))
+    return [
+        PackedWeight(weight.packed.clone(), weight.dequant.clone(), weight.in_features, weight.out_features, weight.group_size, weight.bias)
+        for _ in range(count)
+    ]
+
+
+def tune(weight, m: int, *, verbose: bool = False, use_asm: bool | None = None) -> list[tuple[float, Config]]:
+    """Time every candidate for `weight` at `m` rows (CUDA graphs, weights rotated past L2);
+    remember the fastest for `select_config`. Returns `(µs per call, config)`, fastest first."""
     n, kb = weight.packed.shape
     group = bool(weight.group_size)
     device = weight.packed.device
@@ -299,13 +480,16 @@ def tune(weight, m: int, *, warmup_ms: int = 5, rep_ms: int = 20, verbose: bool 
     xdq = torch.rand(m, device=device) * 1e-2
     xsum = x.sum(-1, dtype=torch.int32)
     out = torch.empty((m, n), dtype=torch.float32, device=device)
+    weights = rotating_copies(weight)
     results = []
     for config in candidates(m, n, kb, group):
-        fn = lambda c=config: launch(x, xdq, xsum, weight, out, c)  # noqa: E731
+        def run(c=config):
+            for w in weights:
+                launch(x, xdq, xsum, w, out, c, use_asm=use_asm)
+
         try:
-            fn()
-            ms = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
-        except Exception as err:  # a tile that does not compile or fit is just skipped
+            ms = time_graph(run) / len(weights)
+        except Exception as err:  # a tile that does not compile or fit is skipped
             if verbose:
                 print(f"skip {config}: {type(err).__name__}: {err}")
             continue
