@@ -148,6 +148,42 @@ def ppo(
 
 @app.command()
 @user_errors
+def generate(
+    model_dir: Path = typer.Argument(..., help="A model directory or run directory."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="One prompt; the completion is printed."),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="A prompts file (field prompt or messages); writes JSON lines."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Where --prompts writes its JSON lines (default: stdout)."),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1, help="Longest completion."),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 is greedy."),
+    top_k: int = typer.Option(0, "--top-k", min=0, help="Keep the k most likely tokens (0: off)."),
+    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus mass (1: off)."),
+    seed: int = typer.Option(0, "--seed", help="Sampling seed."),
+    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Prompts per generator batch."),
+    backend: str = typer.Option("packed", "--backend", help="packed (2-bit PackedGenerator) or policy (transformers generate)."),
+) -> None:
+    """Sample from a model with the packed 2-bit generator."""
+    from bitnet_rl.generate import generate_to_records
+
+    if (prompt is None) == (prompts is None):
+        raise UserError("give exactly one of --prompt TEXT or --prompts FILE")
+    records = generate_to_records(
+        model_dir, [prompt] if prompt is not None else None, prompts, max_new_tokens, temperature, top_k, top_p, seed, batch_size, backend
+    )
+    if prompt is not None:
+        typer.echo(prompt + records[0]["completion"])
+        return
+    lines = "".join(json.dumps(r) + "\n" for r in records)
+    if out is None:
+        typer.echo(lines, nl=False)
+    else:
+        from bitnet_rl.generate import write_atomic
+
+        write_atomic(out, lines)
+        typer.echo(f"wrote {len(records)} completions to {out}", err=True)
+
+
+@app.command()
+@user_errors
 def quickstart(
     out: Path = typer.Option(Path("runs/quickstart"), "--out", help="Where the stages write their checkpoints."),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Optimizer steps of the SFT stage (default: the recipe's)."),

@@ -1,0 +1,65 @@
+"""`bitnet-rl generate`: completions for one prompt or a file of prompts."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bitnet_rl.data.prompts import encode_prompt, load_prompts
+from bitnet_rl.models.build import resolve_model_dir
+from bitnet_rl.models.io import load_policy, load_tokenizer
+
+
+def generate_to_records(
+    model_dir: str | Path,
+    prompts: list[Any] | None,
+    prompts_file: str | Path | None,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    seed: int,
+    batch_size: int,
+    backend: str = "packed",
+) -> list[dict[str, Any]]:
+    from bitnet_rl.rollout import make_generator
+
+    path = resolve_model_dir(model_dir)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    policy = load_policy(path, dtype=torch.bfloat16 if device == "cuda" else torch.float32, device=device).eval()
+    tokenizer = load_tokenizer(path)
+    if prompts is None:
+        prompts = load_prompts(str(prompts_file))
+    ids = [encode_prompt(tokenizer, p) for p in prompts]
+    longest = max(len(i) for i in ids)
+    generator = make_generator(policy, backend, max_batch_size=min(batch_size, len(ids)), max_seq_len=longest + max_new_tokens)
+    out = generator.generate(
+        ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+        stop_token_ids=[tokenizer.eos_token_id], seed=seed,
+    )  # fmt: skip
+    records = []
+    for row, prompt in enumerate(prompts):
+        length = int(out.lengths[row])
+        tokens = out.completion_ids[row, :length].tolist()
+        records.append(
+            {
+                "prompt": prompt,
+                "completion": tokenizer.decode(tokens, skip_special_tokens=True),
+                "finish_reason": out.finish_reasons[row],
+                "tokens": length,
+                "logprob": float(out.logprobs_t1[row, :length].sum()),
+            }
+        )
+    return records
+
+
+def write_atomic(path: str | Path, text: str) -> None:
+    """Write `text` to a temporary sibling, then rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
