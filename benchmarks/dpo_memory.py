@@ -30,7 +30,7 @@ def synthetic_batch(pairs: int, seq: int, vocab: int, prompt: int) -> dict[str, 
 
 
 def measure(kind: str, args) -> dict:
-    from bitnet_rl.models.convert import to_bitlinear
+    from bitnet_rl.models.convert import enable_checkpointing, to_bitlinear
     from bitnet_rl.models.frozen import frozen_ternary_copy
     from bitnet_rl.recipe import DPOConfig
     from bitnet_rl.train.dpo import dpo_loss_fn
@@ -38,7 +38,7 @@ def measure(kind: str, args) -> dict:
     torch.cuda.empty_cache()
     reset_peak()
     policy = to_bitlinear(bitnet_2b4t(args.layers, dtype=torch.bfloat16))
-    policy.gradient_checkpointing_enable()
+    enable_checkpointing(policy)
     policy_gib = now_gib()
     reference = {"ternary": lambda: frozen_ternary_copy(policy), "full": lambda: copy.deepcopy(policy).requires_grad_(False).eval(), "precompute": lambda: None}[kind]()
     reference_gib = now_gib() - policy_gib

@@ -17,13 +17,13 @@ from common import bitnet_2b4t, device_name, peak_gib, reset_peak, table, timed
 
 
 def measure(quantized: bool, args) -> dict:
-    from bitnet_rl.models.convert import to_bitlinear
+    from bitnet_rl.models.convert import enable_checkpointing, to_bitlinear
 
     model = bitnet_2b4t(args.layers, dtype=torch.float32)
     if quantized:
         to_bitlinear(model)
     if args.checkpointing:
-        model.gradient_checkpointing_enable()
+        enable_checkpointing(model)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.0)
     ids = torch.randint(3, model.config.vocab_size, (args.batch, args.seq), device="cuda")

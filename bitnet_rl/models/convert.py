@@ -47,3 +47,9 @@ def from_bitlinear(model: nn.Module) -> nn.Module:
             linear.bias = bit.bias
         model.set_submodule(name, linear)
     return model
+
+
+def enable_checkpointing(model: nn.Module) -> None:
+    """Recompute activations in backward (transformers renamed the method in v5; use whichever exists)."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()

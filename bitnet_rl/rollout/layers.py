@@ -94,12 +94,13 @@ def decode_attention(
     dtype: torch.dtype,
     block_n: int = 64,
     num_warps: int = 4,
+    num_stages: int = 3,
 ) -> None:
     """Attention for one new token per row at its own position `positions[i]` (ragged rows).
 
     `qkv (b, (H + 2·Hkv)·hd)`; caches `(B_max, Hkv, S, hd)`, row i lives in `slots[i]`. RoPE is
     applied to q and k, the new k/v are written at `positions[i]`, and row i attends to cache
-    positions `0 … positions[i]`. `block_n` / `num_warps` tile the Triton kernel.
+    positions `0 … positions[i]`. `block_n` / `num_warps` / `num_stages` tile the Triton kernel.
     """
     if _triton(qkv):
         from bitnet_rl.quant.kernels import triton_layers
@@ -107,6 +108,7 @@ def decode_attention(
         triton_layers.decode_attention(
             qkv, k_cache, v_cache, slots, positions, cos, sin, out, n_heads=n_heads, n_kv_heads=n_kv_heads,
             head_dim=head_dim, scale=scale, round_bf16=dtype == torch.bfloat16, block_n=block_n, num_warps=num_warps,
+            num_stages=num_stages,
         )
         return
     b = qkv.shape[0]

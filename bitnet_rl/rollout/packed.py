@@ -471,7 +471,8 @@ class PackedGenerator:
             if shape_key not in triton_w2a8._TUNED:
                 triton_w2a8.tune(pw, rows)
 
-    ATTENTION_TILES = ((32, 4), (64, 4), (128, 4), (128, 8), (256, 8))
+    # (block_n, num_warps, num_stages) candidates for the Triton decode attention
+    ATTENTION_TILES = ((32, 4, 3), (64, 4, 3), (64, 4, 2), (128, 4, 2), (128, 8, 2), (256, 8, 1))
 
     def _tune_attention(self, b: int, length: int = 256) -> list[tuple[float, dict]]:
         """Time the decode-attention tiles for `b` rows at `length` cached tokens on scratch
@@ -487,12 +488,15 @@ class PackedGenerator:
         slots = torch.arange(b, dtype=torch.int32, device=dev)
         positions = torch.full((b,), length, dtype=torch.int32, device=dev)
         results = []
-        for block_n, warps in self.ATTENTION_TILES:
-            tile = dict(block_n=block_n, num_warps=warps)
+        for block_n, warps, stages in self.ATTENTION_TILES:
+            tile = dict(block_n=block_n, num_warps=warps, num_stages=stages)
             run = lambda: decode_attention(qkv, k_cache, v_cache, slots, positions, self.cos, self.sin, out, **self._attention_kwargs(), **tile)  # noqa: E731
-            results.append((1e3 * time_graph(run), tile))
+            try:
+                results.append((1e3 * time_graph(run), tile))
+            except Exception:  # a tile that needs more shared memory than the GPU has is skipped
+                continue
         results.sort(key=lambda r: r[0])
-        self._attention_tiles[b] = results[0][1]
+        self._attention_tiles[b] = results[0][1] if results else {}
         return results
 
     def capture(self, buckets: Sequence[int] | None = None) -> None:

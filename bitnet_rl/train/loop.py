@@ -23,6 +23,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from bitnet_rl.errors import UserError
+from bitnet_rl.models.convert import enable_checkpointing
 from bitnet_rl.models.io import save_checkpoint
 from bitnet_rl.quant.bitlinear import set_lambda
 from bitnet_rl.quant.health import code_snapshot, ternary_health
@@ -185,7 +186,7 @@ def train(stage: Stage, recipe: Recipe, resume: str | None = None) -> Path:
         load_weights(model, checkpoint)
         state = LoopState(**json.loads((checkpoint / "trainer_state" / "state.json").read_text()))
     if tcfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        enable_checkpointing(model)
     optimizer = build_optimizer(model, recipe)
     scheduler = build_scheduler(optimizer, recipe, tcfg.max_steps)
     model, optimizer = accelerator.prepare(model, optimizer)

@@ -26,6 +26,7 @@ from bitnet_rl.data.prompts import encode_prompt, load_prompts
 from bitnet_rl.data.tokenizer import pad_id
 from bitnet_rl.errors import UserError
 from bitnet_rl.models.build import build_policy, resolve_dtype, resolve_model_dir
+from bitnet_rl.models.convert import enable_checkpointing
 from bitnet_rl.models.frozen import frozen_ternary_copy
 from bitnet_rl.models.io import save_checkpoint
 from bitnet_rl.models.value import load_scalar_model
@@ -105,9 +106,9 @@ class PPOTrainer:
         self.prompts = load_prompts(cfg.prompts or "demo", cfg.num_prompts, seed=recipe.train.seed)
         self.prompt_ids = [encode_prompt(self.tokenizer, p) for p in self.prompts]
         if recipe.train.gradient_checkpointing:
-            self.policy.gradient_checkpointing_enable()
+            enable_checkpointing(self.policy)
             if self.critic is not None:
-                self.critic.gradient_checkpointing_enable()
+                enable_checkpointing(self.critic)
         self.optimizer = build_optimizer(self.policy, recipe)
         self.scheduler = build_scheduler(self.optimizer, recipe, total_steps=self.total_optimizer_steps())
         self.policy, self.optimizer = self.accelerator.prepare(self.policy, self.optimizer)

@@ -250,6 +250,7 @@ def decode_attention(
     round_bf16: bool,
     block_n: int = 64,
     num_warps: int = 4,
+    num_stages: int = 3,
 ) -> None:
     """One decode step of attention for rows `qkv (b, (H + 2·Hkv)·hd)`; caches `(Bmax, Hkv, S, hd)`."""
     b = qkv.shape[0]
@@ -269,4 +270,5 @@ def decode_attention(
         DOT_PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32",
         UPCAST_DOT=INTERPRET,
         num_warps=num_warps,
+        num_stages=num_stages,
     )
