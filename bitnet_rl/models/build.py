@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from bitnet_rl.errors import UserError
-from bitnet_rl.models.convert import to_bitlinear
+from bitnet_rl.models.convert import quantize_model
 from bitnet_rl.models.io import load_policy, load_tokenizer
 from bitnet_rl.recipe import ModelConfig, QuantConfig
 
@@ -31,17 +31,11 @@ def resolve_model_dir(path: str | Path) -> Path:
 def build_policy(model_cfg: ModelConfig, quant: QuantConfig, lam: float, device: str | torch.device = "cpu", seed: int = 0):
     """(policy with BitLinear projections, tokenizer) as the recipe's `model` section says."""
     dtype = resolve_dtype(model_cfg.dtype, device)
-    settings = dict(
-        granularity=quant.granularity,
-        group_size=quant.group_size,
-        quantize_activations=quant.activations == "int8",
-        lam=lam,
-    )
     if model_cfg.tiny is not None:
         from bitnet_rl.models.tiny import tiny_bitnet
 
         model, tokenizer = tiny_bitnet(shape=model_cfg.tiny, seed=seed)
-        return to_bitlinear(model, **settings).to(device=device, dtype=dtype), tokenizer
+        return quantize_model(model, quant, lam).to(device=device, dtype=dtype), tokenizer
     if not model_cfg.path:
         raise UserError("model.path is not set (give --model DIR, model.path=DIR or model.tiny)")
     path = resolve_model_dir(model_cfg.path)

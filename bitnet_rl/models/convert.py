@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 from bitnet_rl.quant.bitlinear import BitLinear, Granularity
+from bitnet_rl.recipe import QuantConfig
 
 # Names of the projections BitNet quantizes (Llama/Mistral/Qwen use the same names).
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -35,6 +36,17 @@ def to_bitlinear(
         )
         model.set_submodule(name, bit)
     return model
+
+
+def quantize_model(model: nn.Module, quant: QuantConfig, lam: float = 1.0) -> nn.Module:
+    """`to_bitlinear` with the settings of a recipe's `quant` section."""
+    return to_bitlinear(
+        model,
+        granularity=quant.granularity,
+        group_size=quant.group_size,
+        quantize_activations=quant.activations == "int8",
+        lam=lam,
+    )
 
 
 def from_bitlinear(model: nn.Module) -> nn.Module:

@@ -23,7 +23,7 @@ import torch.nn as nn
 from safetensors import safe_open
 
 from bitnet_rl.errors import UserError
-from bitnet_rl.models.convert import to_bitlinear
+from bitnet_rl.models.convert import quantize_model
 from bitnet_rl.quant.bitlinear import BitLinear, bitlinear_modules, check_lambda
 from bitnet_rl.quant.pack import unpack_hf
 from bitnet_rl.recipe import QuantConfig
@@ -59,10 +59,10 @@ def clean_config(path: Path, raw: dict[str, Any]):
     return config_class.from_dict(clean)
 
 
-def quant_config_of(path: str | Path) -> QuantConfig | None:
-    """The quantization settings a bitnet-rl checkpoint was trained with, if it records them."""
-    saved = read_config(path).get(OUR_KEY, {}).get("quant")
-    return QuantConfig(**saved) if saved else None
+def saved_quant(raw_config: dict[str, Any]) -> QuantConfig:
+    """The quantization a bitnet-rl checkpoint was trained with (per-tensor int8 when it records none)."""
+    saved = raw_config.get(OUR_KEY, {}).get("quant")
+    return QuantConfig(**saved) if saved else QuantConfig()
 
 
 def load_policy(
@@ -87,9 +87,7 @@ def load_policy(
     raw = read_config(path)
     lam = check_lambda(lam)
     config = clean_config(path, raw)
-    if quant is None:
-        saved = raw.get(OUR_KEY, {}).get("quant")
-        quant = QuantConfig(**saved) if saved else QuantConfig()
+    quant = quant or saved_quant(raw)
     qcfg = raw.get("quantization_config") or {}
     if qcfg and qcfg.get("quant_method") != "bitnet":
         raise UserError(f"{path / 'config.json'}: quantization method {qcfg.get('quant_method')!r} is not supported (only bitnet)")
@@ -102,13 +100,7 @@ def load_policy(
             model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype)
         except OSError as err:
             raise UserError(f"{path}: cannot load weights ({str(err).splitlines()[0]})") from None
-    to_bitlinear(
-        model,
-        granularity=quant.granularity,
-        group_size=quant.group_size,
-        quantize_activations=quant.activations == "int8",
-        lam=lam,
-    )
+    quantize_model(model, quant, lam)
     if not bitlinear_modules(model):
         raise UserError(f"{path}: no q/k/v/o/gate/up/down projections found to quantize in {type(model).__name__}")
     return model.to(device)

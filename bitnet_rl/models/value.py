@@ -18,8 +18,8 @@ import torch
 import torch.nn as nn
 
 from bitnet_rl.errors import UserError
-from bitnet_rl.models.convert import to_bitlinear
-from bitnet_rl.models.io import clean_config, load_policy, read_config
+from bitnet_rl.models.convert import quantize_model
+from bitnet_rl.models.io import clean_config, load_policy, read_config, saved_quant
 from bitnet_rl.recipe import QuantConfig
 
 
@@ -79,9 +79,7 @@ def load_scalar_model(
     archs = raw.get("architectures") or []
     config = clean_config(path, raw)
     config.num_labels = 1
-    if quant is None:
-        saved = raw.get("bitnet_rl", {}).get("quant")
-        quant = QuantConfig(**saved) if saved else QuantConfig()
+    quant = quant or saved_quant(raw)
     if any(a.endswith("ForSequenceClassification") for a in archs):
         if (raw.get("quantization_config") or {}).get("quantization_mode") == "offline":
             raise UserError(f"{path}: offline-packed reward models are not supported; save it with master weights")
@@ -89,14 +87,7 @@ def load_scalar_model(
             model = classifier_class(config.model_type).from_pretrained(path, config=config, dtype=dtype)
         except (OSError, ValueError) as err:
             raise UserError(f"{path}: cannot load a reward model ({str(err).splitlines()[0]})") from None
-        to_bitlinear(
-            model,
-            granularity=quant.granularity,
-            group_size=quant.group_size,
-            quantize_activations=quant.activations == "int8",
-            lam=lam,
-        )
-        return model.to(device)
+        return quantize_model(model, quant, lam).to(device)
     causal = load_policy(path, quant=quant, lam=lam, dtype=dtype, device="cpu")
     try:
         cls = classifier_class(config.model_type)

@@ -9,28 +9,6 @@ from bitnet_rl.errors import UserError
 from bitnet_rl.models.io import load_policy, load_tokenizer
 from bitnet_rl.recipe import DPOConfig, Recipe, validate
 from bitnet_rl.train.dpo import DPO_DEFAULTS, DPOCollator, evaluate_pairs, make_reference, pair_logps, run_dpo
-from bitnet_rl.train.sft import run_sft
-
-TINY = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1, "intermediate_size": 64}
-
-
-@pytest.fixture(scope="module")
-def sft_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sft")
-    recipe = validate(
-        Recipe,
-        {
-            "out": str(out),
-            "model": {"tiny": TINY},
-            "data": {"path": "demo", "demo_size": 400, "max_length": 32},
-            "optimizer": {"lr": 3e-3},
-            "train": {"max_steps": 30, "batch_size": 16},
-            "logging": {"progress": False, "health_every": 0},
-        },
-        "test",
-    )
-    return run_sft(recipe)
-
 
 def dpo_recipe(out, model, **sections):
     data = {

@@ -7,10 +7,6 @@ from bitnet_rl.data.demo import format_completion, make_prompts
 from bitnet_rl.recipe import Recipe, validate
 from bitnet_rl.rewards import load_reward
 from bitnet_rl.train.rm import RM_DEFAULTS, bradley_terry_loss, run_rm
-from bitnet_rl.train.sft import run_sft
-
-TINY = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1, "intermediate_size": 64}
-
 
 def test_bradley_terry_by_hand():
     chosen, rejected = torch.tensor([2.0, 0.0]), torch.tensor([1.0, 0.5])
@@ -21,22 +17,9 @@ def test_bradley_terry_by_hand():
 
 
 @pytest.fixture(scope="module")
-def rm_dir(tmp_path_factory):
+def rm_dir(tmp_path_factory, sft_dir):
     root = tmp_path_factory.mktemp("rm")
-    sft = run_sft(
-        validate(
-            Recipe,
-            {
-                "out": str(root / "sft"),
-                "model": {"tiny": TINY},
-                "data": {"path": "demo", "demo_size": 400, "max_length": 32},
-                "optimizer": {"lr": 3e-3},
-                "train": {"max_steps": 30, "batch_size": 16},
-                "logging": {"progress": False, "health_every": 0},
-            },
-            "test",
-        )
-    )
+    sft = sft_dir
     recipe = validate(
         Recipe,
         {
