@@ -198,6 +198,7 @@ class PPOTrainer:
         kl = kl_estimate(exp.old_logprobs, exp.ref_logprobs, cfg.kl_estimator) * mask
         exp.advantages, exp.returns, _ = compute_advantages(cfg, scores, exp.values, kl, mask, self.kl_ctl.value)
         new_tokens = int(mask.sum())
+        t3 = time.perf_counter()
         stats = {
             "reward": float(raw.mean()),
             "reward_std": float(raw.std()) if raw.numel() > 1 else 0.0,
@@ -209,6 +210,7 @@ class PPOTrainer:
             "rollout_tokens_per_s": new_tokens / max(t1 - t0, 1e-9),
             "time/generate": t1 - t0,
             "time/score": t2 - t1,
+            "time/logprobs": t3 - t2,
         }
         return exp, stats, completions
 

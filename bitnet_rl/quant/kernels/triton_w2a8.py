@@ -1,7 +1,11 @@
-"""Triton W2A8 kernel: int8 activations × 2-bit ternary weights (kernel layout of `quant/pack.py`).
+"""Triton W2A8 kernels: int8 activations × 2-bit ternary weights (kernel layout of `quant/pack.py`).
 
-One kernel serves decode (GEMV / skinny GEMM) and prefill (GEMM); only the tile shape changes.
-It computes the transposed product `yᵀ = W · xᵀ` ("swap AB"): the weight tile is the dot's
+`_w2a8_kernel` (tensor cores) serves skinny GEMMs (decode batches > 4) and prefill GEMMs; only
+the tile shape changes. `_w2a8_gemv_kernel` (CUDA cores, dp4a) is the candidate for M ≤ 4.
+`tune` times both kinds and keeps the faster per shape (measured on an H100: the dp4a GEMV wins
+for most batch-1 shapes, the tensor-core kernel for the fused gate|up).
+
+The tensor-core kernel computes the transposed product `yᵀ = W · xᵀ` ("swap AB"): the weight tile is the dot's
 left operand, so the matrix unit's 16-row minimum falls on the weight rows and a batch of one
 token wastes only the narrow right operand. Per step the kernel loads a `(BLOCK_N, BLOCK_KB)`
 tile of packed bytes, splits each byte into its four bit planes (each plane is 32 contiguous
