@@ -69,3 +69,20 @@ def table(headers: list[str], rows: list[list]) -> str:
 
 def device_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def copy_bandwidth(device="cuda") -> float:
+    """Bytes per second of a 1 GiB device-to-device copy (read + write counted); nan off CUDA."""
+    if torch.device(device).type != "cuda":
+        return float("nan")
+    src = torch.empty(1 << 29, dtype=torch.bfloat16, device=device).normal_()
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        dst.copy_(src)
+    end.record()
+    end.synchronize()
+    return 2 * src.numel() * 2 * 10 / (start.elapsed_time(end) / 1e3)

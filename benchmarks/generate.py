@@ -26,6 +26,8 @@ import time
 import torch
 import torch.nn as nn
 
+from common import copy_bandwidth
+
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -63,22 +65,6 @@ def build_policy(args, device: torch.device) -> nn.Module:
         torch.set_default_dtype(previous)
     to_bitlinear(model)
     return model.eval()
-
-
-def copy_bandwidth(device: torch.device) -> float:
-    if device.type != "cuda":
-        return float("nan")
-    src = torch.empty(1 << 29, dtype=torch.bfloat16, device=device).normal_()
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(10):
-        dst.copy_(src)
-    end.record()
-    end.synchronize()
-    return 2 * src.numel() * 2 * 10 / (start.elapsed_time(end) / 1e3)
 
 
 def token_range(args) -> tuple[int, int]:

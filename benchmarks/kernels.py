@@ -15,6 +15,8 @@ import json
 
 import torch
 
+from common import copy_bandwidth
+
 # (name, K, N)
 SHAPES = [
     ("qkv fused", 2560, 3840),
@@ -24,21 +26,6 @@ SHAPES = [
     ("gate / up", 2560, 6912),
     ("down", 6912, 2560),
 ]
-
-
-def copy_bandwidth(gib: float = 1.0) -> float:
-    """Bytes per second of a large device-to-device copy (read + write counted)."""
-    src = torch.empty(int(gib * (1 << 30)) // 2, dtype=torch.bfloat16, device="cuda").normal_()
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(10):
-        dst.copy_(src)
-    end.record()
-    end.synchronize()
-    return 2 * src.numel() * 2 * 10 / (start.elapsed_time(end) / 1e3)
 
 
 def bench_dense(m: int, k: int, n: int) -> float:
