@@ -29,7 +29,6 @@ def unpack_hf(packed: torch.Tensor, out_features: int | None = None, dtype: torc
 
     `out_features` defaults to `4 * packed.shape[0]` (what transformers assumes).
     """
-    rows = packed.shape[0]
     blocks = [((packed >> (2 * i)) & 3) for i in range(VALUES_PER_BYTE)]
     codes = torch.cat(blocks, dim=0).to(torch.int16) - 1
     if out_features is not None:

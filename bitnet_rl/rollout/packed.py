@@ -36,7 +36,7 @@ from bitnet_rl.quant.pack import kernel_padded_in, pack_kernel
 from bitnet_rl.rollout.capture import capture_graph
 from bitnet_rl.rollout.layers import ACT_FNS, decode_attention, linear, norm_quant, prefill_attention, rms_norm
 from bitnet_rl.rollout.output import RolloutOutput
-from bitnet_rl.rollout.sampling import sample_tokens
+from bitnet_rl.rollout.sampling import checked_request, prompt_lists, sample_tokens
 
 SUPPORTED_MODEL_TYPES = ("bitnet", "llama")
 ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -212,14 +212,6 @@ def _pack_rows_(target: PackedWeight, row: int, module: BitLinear) -> int:
         else:
             target.bias[row : row + n].copy_(module.bias.detach())
     return row + n
-
-
-def _prompt_lists(input_ids) -> list[list[int]]:
-    if isinstance(input_ids, torch.Tensor):
-        if input_ids.dim() == 1:
-            input_ids = input_ids[None]
-        return input_ids.tolist()
-    return [list(map(int, row)) for row in input_ids]
 
 
 class PackedGenerator:
@@ -454,7 +446,7 @@ class PackedGenerator:
     @torch.inference_mode()
     def logits(self, input_ids) -> torch.Tensor:
         """Float32 logits `(B, P, V)` of a full forward pass (for tests); ragged lists are right-padded."""
-        prompts = _prompt_lists(input_ids)
+        prompts = prompt_lists(input_ids)
         ids = self._padded(prompts)
         outs = [self._prefill(ids[i : i + self.max_batch_size]) for i in range(0, len(prompts), self.max_batch_size)]
         return torch.cat(outs)
@@ -563,11 +555,7 @@ class PackedGenerator:
         row with finish reason "stop"; the stop token is part of the completion. A `seed`
         makes sampling reproducible (a private torch.Generator; the global RNG is untouched).
         """
-        prompts = _prompt_lists(input_ids)
-        if max_new_tokens < 1:
-            raise UserError(f"generate: max_new_tokens must be ≥ 1, got {max_new_tokens}")
-        if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-            raise UserError(f"generate: invalid sampling settings temperature={temperature}, top_k={top_k}, top_p={top_p}")
+        prompts = checked_request(input_ids, max_new_tokens, temperature, top_k, top_p)
         longest = max((len(p) for p in prompts), default=0)
         if longest + max_new_tokens > self.max_seq_len:
             raise UserError(

@@ -14,9 +14,8 @@ import torch
 import torch.nn as nn
 from transformers import GenerationConfig
 
-from bitnet_rl.errors import UserError
 from bitnet_rl.rollout.output import RolloutOutput
-from bitnet_rl.rollout.packed import _prompt_lists
+from bitnet_rl.rollout.sampling import checked_request
 
 
 class PolicyGenerator:
@@ -57,11 +56,7 @@ class PolicyGenerator:
         return_logprobs: bool = True,
     ) -> RolloutOutput:
         """See `PackedGenerator.generate`. Prompts are left-padded for transformers internally."""
-        prompts = _prompt_lists(input_ids)
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise UserError("generate: every prompt needs at least one token")
-        if max_new_tokens < 1:
-            raise UserError(f"generate: max_new_tokens must be ≥ 1, got {max_new_tokens}")
+        prompts = checked_request(input_ids, max_new_tokens, temperature, top_k, top_p)
         dev, pad = self.device, self.pad_token_id
         stops = self.eos_token_ids if stop_token_ids is None else tuple(stop_token_ids)
         batch, width = len(prompts), max(len(p) for p in prompts)

@@ -4,6 +4,29 @@ from __future__ import annotations
 
 import torch
 
+from bitnet_rl.errors import UserError
+
+
+def prompt_lists(input_ids) -> list[list[int]]:
+    """Prompts as lists of ids, from a (B, P) / (P,) tensor or a ragged list of lists."""
+    if isinstance(input_ids, torch.Tensor):
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        return input_ids.tolist()
+    return [list(map(int, row)) for row in input_ids]
+
+
+def checked_request(input_ids, max_new_tokens: int, temperature: float, top_k: int, top_p: float) -> list[list[int]]:
+    """The prompts of a `generate` call, after checking the call's settings (a `UserError` if off)."""
+    prompts = prompt_lists(input_ids)
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise UserError("generate: every prompt needs at least one token")
+    if max_new_tokens < 1:
+        raise UserError(f"generate: max_new_tokens must be ≥ 1, got {max_new_tokens}")
+    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+        raise UserError(f"generate: invalid sampling settings temperature={temperature}, top_k={top_k}, top_p={top_p}")
+    return prompts
+
 
 def filter_logits(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
     """`logits / temperature` with everything outside the top-k and the top-p nucleus set to -inf.
