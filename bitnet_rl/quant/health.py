@@ -38,6 +38,7 @@ class HealthReport:
     layers: list[LayerHealth]
     flip_rate: float | None = None
     layer_flip_rates: dict[str, float] = field(default_factory=dict)
+    codes: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # this snapshot, for the next flip rate
 
     def overall(self) -> dict[str, float]:
         total = sum(layer.numel for layer in self.layers) or 1
@@ -92,7 +93,7 @@ def ternary_health(model: nn.Module, previous: dict[str, torch.Tensor] | None = 
                 weight_std=float(module.weight.float().std()),
             )
         )
-    report = HealthReport(layers)
+    report = HealthReport(layers, codes=current)
     if previous is not None:
         report.flip_rate, report.layer_flip_rates = flip_rates(previous, current)
     return report

@@ -253,7 +253,7 @@ def train(stage: Stage, recipe: Recipe, resume: str | None = None) -> Path:
         record["tokens"] = state.tokens
         if snapshot is not None and state.step % recipe.logging.health_every == 0:
             report = ternary_health(unwrapped, previous=snapshot)
-            snapshot = code_snapshot(unwrapped)
+            snapshot = report.codes
             record.update(report.overall())
             new_collapse = set(report.collapsed) - warned_collapse
             if new_collapse:
