@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from bitnet_rl.models.build import resolve_model_dir
 from bitnet_rl.models.io import load_policy, read_config
 from bitnet_rl.quant.bitlinear import bitlinear_modules
 from bitnet_rl.quant.health import ternary_health
@@ -23,6 +24,7 @@ def memory_bytes(model: torch.nn.Module) -> dict[str, int]:
 
 
 def model_summary(path: str | Path) -> str:
+    path = resolve_model_dir(path)
     raw = read_config(path)
     model = load_policy(path, dtype=torch.bfloat16)
     total = sum(p.numel() for p in model.parameters())

@@ -131,12 +131,12 @@ def build_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe, total_step
 
 
 def find_checkpoint(out_dir: Path, resume: str) -> Path:
-    """`latest` → the newest `OUT/checkpoints/step-*`; anything else is a checkpoint path."""
+    """`latest` → the furthest resumable checkpoint in OUT (`checkpoints/step-*` or `final`); else a path."""
     if resume == "latest":
-        found = sorted((out_dir / "checkpoints").glob("step-*"))
+        found = [p for p in [*(out_dir / "checkpoints").glob("step-*"), out_dir / "final"] if (p / "trainer_state" / "state.json").is_file()]
         if not found:
-            raise UserError(f"--resume latest: no checkpoints in {out_dir / 'checkpoints'}")
-        return found[-1]
+            raise UserError(f"--resume latest: no checkpoints in {out_dir / 'checkpoints'} nor {out_dir / 'final'}")
+        return max(found, key=lambda p: json.loads((p / "trainer_state" / "state.json").read_text())["step"])
     path = Path(resume)
     if not (path / "trainer_state" / "state.json").is_file():
         raise UserError(f"--resume {resume}: not a bitnet-rl checkpoint (no trainer_state/state.json)")
