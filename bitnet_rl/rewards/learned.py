@@ -12,6 +12,7 @@ from typing import Any, Sequence
 
 import torch
 
+from bitnet_rl.data.batching import right_pad
 from bitnet_rl.data.chat import encode_prompt_completion
 from bitnet_rl.models.frozen import frozen_ternary_copy
 from bitnet_rl.models.io import load_tokenizer
@@ -39,16 +40,9 @@ class LearnedReward:
         for prompt, completion in zip(prompts, completions):
             prompt_ids, completion_ids = encode_prompt_completion(self.tokenizer, prompt, completion)
             rows.append(prompt_ids + completion_ids)
-        pad = self.tokenizer.pad_token_id
         out = []
         for start in range(0, len(rows), self.batch_size):
-            chunk = rows[start : start + self.batch_size]
-            width = max(len(r) for r in chunk)
-            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for i, r in enumerate(chunk):
-                ids[i, : len(r)] = torch.tensor(r)
-                mask[i, : len(r)] = 1
+            ids, mask = right_pad(rows[start : start + self.batch_size], self.tokenizer.pad_token_id)
             out.append(sequence_scores(self.model, ids.to(self.device), mask.to(self.device)).cpu())
         return torch.cat(out) if out else torch.zeros(0)
 

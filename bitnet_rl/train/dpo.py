@@ -114,9 +114,10 @@ def evaluate_pairs(model: nn.Module, reference: nn.Module | None, examples: list
     """Held-out preference accuracy (implicit reward of chosen > rejected), margin and loss."""
     device = next(model.parameters()).device
     totals = {"loss": 0.0, "margin": 0.0, "accuracy": 0.0}
+    loss_fn = dpo_loss_fn(cfg, reference)
     for start in range(0, len(examples), batch_size):
         batch = {k: v.to(device) for k, v in collate(examples[start : start + batch_size]).items()}
-        losses, stats, _ = dpo_loss_fn(cfg, reference)(model, batch)
+        losses, stats, _ = loss_fn(model, batch)
         n = batch["chosen_input_ids"].shape[0]
         totals["loss"] += float(losses) * n
         totals["margin"] += float(stats["rewards/margin"]) * n

@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn as nn
 
+from bitnet_rl.data.batching import right_pad
 from bitnet_rl.models.value import token_values
 from bitnet_rl.rl.losses import entropy_from_logits, logprobs_from_logits
 
@@ -43,15 +44,10 @@ class Experience:
 
 def pack_sequences(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, ...]:
     """(input_ids (B, L), attention_mask (B, L), prompt_lens (B,), mask (B, T)) from token lists."""
-    rows = [p + c for p, c in zip(prompt_ids, completion_ids)]
-    width = max(len(r) for r in rows)
+    input_ids, attention_mask = right_pad([p + c for p, c in zip(prompt_ids, completion_ids)], pad_id)
     longest = max(max(len(c) for c in completion_ids), 1)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    mask = torch.zeros((len(rows), longest), dtype=torch.float32)
-    for i, (row, c) in enumerate(zip(rows, completion_ids)):
-        input_ids[i, : len(row)] = torch.tensor(row)
-        attention_mask[i, : len(row)] = 1
+    mask = torch.zeros((len(completion_ids), longest), dtype=torch.float32)
+    for i, c in enumerate(completion_ids):
         mask[i, : len(c)] = 1
     prompt_lens = torch.tensor([len(p) for p in prompt_ids])
     return input_ids, attention_mask, prompt_lens, mask

@@ -197,11 +197,7 @@ def train(stage: Stage, recipe: Recipe, resume: str | None = None) -> Path:
         trainer_dir = checkpoint / "trainer_state"
         optimizer.load_state_dict(torch.load(trainer_dir / "optimizer.pt", map_location=accelerator.device, weights_only=True))
         scheduler.load_state_dict(torch.load(trainer_dir / "scheduler.pt", weights_only=True))
-        rng = torch.load(trainer_dir / "rng.pt", weights_only=False)
-        torch.set_rng_state(rng["torch"])
-        random.setstate(rng["python"])
-        if torch.cuda.is_available() and rng.get("cuda") is not None:
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        load_rng(trainer_dir / "rng.pt")
     (out_dir / "recipe.json").write_text(recipe.model_dump_json(indent=2))
 
     metrics = MetricsLog(out_dir / "metrics.jsonl", keep_until=state.step, accelerator=accelerator)
@@ -291,14 +287,33 @@ def _grad_norm(model: nn.Module) -> torch.Tensor:
     return torch.stack(norms).norm() if norms else torch.tensor(0.0)
 
 
+def save_rng(path: Path) -> None:
+    """Python, torch and (when present) CUDA RNG states, so a resumed run draws the same numbers."""
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    rng["cuda"] = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    torch.save(rng, path)
+
+
+def load_rng(path: Path) -> None:
+    rng = torch.load(path, weights_only=False)
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    if torch.cuda.is_available() and rng.get("cuda") is not None:
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def prune_checkpoints(root: Path, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` `step-*` checkpoints under `root`."""
+    for old in sorted(root.glob("step-*"))[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def _state_writer(optimizer, scheduler, state: LoopState) -> Callable[[Path], None]:
     def write(path: Path) -> None:
         path.mkdir()
         torch.save(optimizer.state_dict(), path / "optimizer.pt")
         torch.save(scheduler.state_dict(), path / "scheduler.pt")
-        rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
-        rng["cuda"] = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-        torch.save(rng, path / "rng.pt")
+        save_rng(path / "rng.pt")
         (path / "state.json").write_text(json.dumps(asdict(state)))
 
     return write
@@ -309,5 +324,4 @@ def _save_step_checkpoint(accelerator, model, tokenizer, optimizer, scheduler, s
         return
     root = out_dir / "checkpoints"
     save_checkpoint(model, tokenizer, root / f"step-{state.step:07d}", extra={"trainer_state": _state_writer(optimizer, scheduler, state)})
-    for old in sorted(root.glob("step-*"))[: -recipe.checkpoint.keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+    prune_checkpoints(root, recipe.checkpoint.keep_last)

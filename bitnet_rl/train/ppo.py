@@ -11,8 +11,6 @@ optimizers, KL controller, RNG, prompt order and step.
 from __future__ import annotations
 
 import json
-import random
-import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -46,8 +44,11 @@ from bitnet_rl.train.loop import (
     build_scheduler,
     current_lambda,
     find_checkpoint,
+    load_rng,
     load_weights,
     make_accelerator,
+    prune_checkpoints,
+    save_rng,
 )
 
 PPO_DEFAULTS: dict[str, Any] = {
@@ -309,8 +310,8 @@ class PPOTrainer:
             bar.update(1)
             if recipe.checkpoint.every and iteration % recipe.checkpoint.every == 0 and not last:
                 self.save(self.out / "checkpoints" / f"step-{iteration:07d}", iteration)
-                for old in sorted((self.out / "checkpoints").glob("step-*"))[: -recipe.checkpoint.keep_last]:
-                    shutil.rmtree(old, ignore_errors=True)
+                if acc.is_main_process:
+                    prune_checkpoints(self.out / "checkpoints", recipe.checkpoint.keep_last)
         bar.close()
         final = self.save(self.out / "final", iteration)
         if recipe.logging.report_to:
@@ -328,8 +329,7 @@ class PPOTrainer:
             if self.critic is not None:
                 torch.save(self.critic_optimizer.state_dict(), trainer_dir / "critic_optimizer.pt")
                 save_checkpoint(self.accelerator.unwrap_model(self.critic), None, trainer_dir / "critic")
-            rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
-            torch.save(rng, trainer_dir / "rng.pt")
+            save_rng(trainer_dir / "rng.pt")
             state = {**asdict(self.state), "extra": {"iteration": iteration, "kl_ctl": self.kl_ctl.state_dict()}}
             (trainer_dir / "state.json").write_text(json.dumps(state))
 
@@ -344,9 +344,7 @@ class PPOTrainer:
         if self.critic is not None:
             load_weights(self.accelerator.unwrap_model(self.critic), trainer_dir / "critic")
             self.critic_optimizer.load_state_dict(torch.load(trainer_dir / "critic_optimizer.pt", map_location=device, weights_only=True))
-        rng = torch.load(trainer_dir / "rng.pt", weights_only=False)
-        torch.set_rng_state(rng["torch"])
-        random.setstate(rng["python"])
+        load_rng(trainer_dir / "rng.pt")
         saved = json.loads((trainer_dir / "state.json").read_text())
         extra = saved.pop("extra")
         self.state = LoopState(**saved)

@@ -63,7 +63,8 @@ def rm_loss_fn(model: nn.Module, batch: dict[str, torch.Tensor]):
 
 
 @torch.no_grad()
-def evaluate_rm(model: nn.Module, examples: list[dict], collate, batch_size: int = 32) -> dict[str, float]:
+def all_pair_scores(model: nn.Module, examples: list[dict], collate, batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores of every example's chosen and rejected completion, `(N,)` each, on the CPU."""
     device = next(model.parameters()).device
     chosen_all, rejected_all = [], []
     for start in range(0, len(examples), batch_size):
@@ -71,7 +72,11 @@ def evaluate_rm(model: nn.Module, examples: list[dict], collate, batch_size: int
         chosen, rejected = pair_scores(model, batch)
         chosen_all.append(chosen.cpu())
         rejected_all.append(rejected.cpu())
-    chosen, rejected = torch.cat(chosen_all), torch.cat(rejected_all)
+    return torch.cat(chosen_all), torch.cat(rejected_all)
+
+
+def evaluate_rm(model: nn.Module, examples: list[dict], collate) -> dict[str, float]:
+    chosen, rejected = all_pair_scores(model, examples, collate)
     return {
         "val_loss": float(bradley_terry_loss(chosen, rejected).mean()),
         "val_accuracy": float((chosen > rejected).float().mean()),
@@ -79,16 +84,10 @@ def evaluate_rm(model: nn.Module, examples: list[dict], collate, batch_size: int
     }
 
 
-@torch.no_grad()
-def score_stats(model: nn.Module, examples: list[dict], collate, batch_size: int = 32) -> dict[str, float]:
+def score_stats(model: nn.Module, examples: list[dict], collate) -> dict[str, float]:
     """Mean and std of the model's scores over chosen and rejected completions of `examples`."""
-    device = next(model.parameters()).device
-    scores = []
-    for start in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in collate(examples[start : start + batch_size]).items()}
-        scores += [s.cpu() for s in pair_scores(model, batch)]
-    allscores = torch.cat(scores)
-    return {"mean": float(allscores.mean()), "std": float(allscores.std().clamp(min=1e-6)), "count": allscores.numel()}
+    scores = torch.cat(all_pair_scores(model, examples, collate))
+    return {"mean": float(scores.mean()), "std": float(scores.std().clamp(min=1e-6)), "count": scores.numel()}
 
 
 def run_rm(recipe: Recipe, resume: str | None = None, device: str | None = None) -> Path:
