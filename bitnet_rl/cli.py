@@ -182,6 +182,39 @@ def generate(
         typer.echo(f"wrote {len(records)} completions to {out}", err=True)
 
 
+@app.command("eval")
+@user_errors
+def eval_command(
+    checkpoint: str = typer.Argument(..., metavar="CKPT", help="The policy to evaluate: a checkpoint or run directory."),
+    ref: Optional[str] = typer.Option(None, "--ref", help="Reference policy to compare with (default: the run's starting model; `none` to skip)."),
+    reward: Optional[List[str]] = typer.Option(None, "--reward", help="Reward: a reward-model dir, python:FILE.py:FUNCTION or module:FUNCTION, optionally WEIGHT*SPEC (repeat to sum; default: the run's)."),
+    correct: Optional[str] = typer.Option(None, "--correct", help="python:FILE.py:FUNCTION(prompt, completion) -> bool for pass@k (default: `correct`/`is_correct` beside a python reward)."),
+    prompts: Optional[str] = typer.Option(None, "--prompts", help="Prompts file (field prompt or messages), or `demo` (default: the run's)."),
+    num_prompts: Optional[int] = typer.Option(None, "--num-prompts", help="Use the first N prompts (demo: generate N, default 256)."),
+    data: Optional[str] = typer.Option(None, "--data", help="Data for perplexity: text, prompt/completion or messages (completion tokens only)."),
+    n_samples: int = typer.Option(1, "--n-samples", help="Samples per prompt (K): pass@K and mean@K need K > 1."),
+    temperature: float = typer.Option(1.0, "--temperature", help="Sampling temperature (KL always uses temperature-1 samples)."),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", help="Longest completion."),
+    seed: int = typer.Option(0, "--seed", help="Sampling and bootstrap seed."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Report directory (default: RUN/eval, or eval/NAME)."),
+    backend: str = typer.Option("packed", "--backend", help="packed (2-bit PackedGenerator) or policy (transformers generate; for λ < 1)."),
+    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Sequences per generator batch."),
+    lm_eval: Optional[str] = typer.Option(None, "--lm-eval", help="lm-evaluation-harness tasks, comma-separated names or task YAML files (needs bitnet-rl[eval])."),
+    lm_eval_limit: Optional[int] = typer.Option(None, "--lm-eval-limit", help="At most N examples per lm-eval task."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar while sampling."),
+) -> None:
+    """Reward, win rate, KL, perplexity, pass@k and ternary health of a checkpoint against a reference: report.md, results.json, plots."""
+    from bitnet_rl.eval.run import EvalConfig, run_eval
+
+    config = EvalConfig(
+        checkpoint=checkpoint, ref=ref, rewards=list(reward or []), correct=correct, prompts=prompts, num_prompts=num_prompts,
+        data=data, n_samples=n_samples, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed,
+        out=None if out is None else str(out), backend=backend, batch_size=batch_size, lm_eval=lm_eval,
+        lm_eval_limit=lm_eval_limit, progress=progress,
+    )  # fmt: skip
+    run_eval(config, echo=typer.echo)
+
+
 @app.command()
 @user_errors
 def quickstart(
