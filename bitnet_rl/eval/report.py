@@ -63,8 +63,13 @@ def summary_rows(results: dict[str, Any]) -> list[tuple[str, str, str]]:
         rows.append(("collapsed BitLinear layers (std < 1e-3)", str(len(policy["health"]["collapsed_layers"])), str(len(reference["health"]["collapsed_layers"])) if reference.get("health") else "—"))
     for task, metrics in (results.get("lm_eval") or {}).items():
         for metric, value in metrics.items():
-            if isinstance(value, (int, float)) and not metric.endswith("_stderr"):
-                rows.append((f"lm-eval {task} {metric}", _num(float(value), ".4f"), "—"))
+            name, _, filt = metric.partition(",")
+            if "stderr" in name or name == "sample_len":
+                continue
+            stderr = metrics.get(f"{name}_stderr,{filt}" if filt else f"{name}_stderr")
+            shown = _num(float(value), ".4f") + (f" ± {_num(float(stderr), '.4f')}" if isinstance(stderr, (int, float)) else "")
+            label = name if filt in ("", "none") else f"{name} ({filt})"
+            rows.append((f"lm-eval {task}: {label} (n={metrics.get('sample_len', '?')})", shown, "—"))
     return rows
 
 
