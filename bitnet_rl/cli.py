@@ -63,6 +63,16 @@ def flag_overrides(model: str | None = None, data: str | None = None, out: str |
     return pairs
 
 
+def finished(final: Path) -> None:
+    """End of a training command: its last logged metrics on one line, then where the model is."""
+    from bitnet_rl.eval.curves import last_metrics_line
+
+    summary = last_metrics_line(Path(final).parent)
+    if summary:
+        typer.echo(f"last metrics: {summary}")
+    typer.echo(f"saved {final}")
+
+
 MODEL_HELP = "Policy directory (overrides model.path): BitNet master weights, a bitnet-rl checkpoint or run dir, or a dense Llama-style LM."
 RESUME_HELP = "Resume from `latest` (newest OUT/checkpoints/step-*) or a checkpoint directory."
 
@@ -82,8 +92,7 @@ def sft(
     from bitnet_rl.train.sft import run_sft
 
     resolved = load_recipe(recipe, list(overrides or []) + flag_overrides(model, data, None if out is None else str(out)))
-    final = run_sft(resolved, resume=resume)
-    typer.echo(f"saved {final}")
+    finished(run_sft(resolved, resume=resume))
 
 
 @app.command()
@@ -102,7 +111,7 @@ def dpo(
 
     extra = flag_overrides(model, prefs, None if out is None else str(out))
     resolved = load_recipe(recipe, list(overrides or []) + extra, base=DPO_DEFAULTS)
-    typer.echo(f"saved {run_dpo(resolved, resume=resume)}")
+    finished(run_dpo(resolved, resume=resume))
 
 
 @app.command()
@@ -121,7 +130,7 @@ def rm(
 
     extra = flag_overrides(model, prefs, None if out is None else str(out))
     resolved = load_recipe(recipe, list(overrides or []) + extra, base=RM_DEFAULTS)
-    typer.echo(f"saved {run_rm(resolved, resume=resume)}")
+    finished(run_rm(resolved, resume=resume))
 
 
 @app.command()
@@ -143,7 +152,7 @@ def ppo(
     resolved = load_recipe(recipe, list(overrides or []) + extra, base=PPO_DEFAULTS)
     if reward:
         resolved.ppo.rewards = [RewardSpec(source=spec) for spec in reward]
-    typer.echo(f"saved {run_ppo(resolved, resume=resume)}")
+    finished(run_ppo(resolved, resume=resume))
 
 
 @app.command()

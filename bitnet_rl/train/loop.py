@@ -215,6 +215,12 @@ def train(stage: Stage, recipe: Recipe, resume: str | None = None) -> Path:
         disable=not recipe.logging.progress or not accelerator.is_main_process,
         dynamic_ncols=True,
     )
+    if stage.eval_fn is not None and state.step == 0:  # a baseline point for the validation curves
+        set_lambda(unwrapped, current_lambda(recipe, 0))
+        model.eval()
+        baseline = {"step": 0, "lambda": current_lambda(recipe, 0), **stage.eval_fn(unwrapped)}
+        if accelerator.is_main_process:
+            metrics.write(baseline)
     model.train()
     while state.step < tcfg.max_steps:
         lam = current_lambda(recipe, state.step)

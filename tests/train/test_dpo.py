@@ -60,9 +60,10 @@ def test_dpo_raises_heldout_margin_and_accuracy(sft_dir, tmp_path, reference):
     assert abs(before["val_margin"]) < 1e-4
     assert after["val_margin"] > 0.3 and after["val_accuracy"] >= 0.7  # chance is 0.5; before DPO it is 0
     assert rows[-1]["val_accuracy"] == pytest.approx(after["val_accuracy"], abs=0.05)
-    assert rows[-1]["rewards/margin"] > rows[0]["rewards/margin"] + 0.2
+    assert rows[0]["step"] == 0 and abs(rows[0]["val_margin"]) < 1e-4  # validation before the first step: policy = reference
+    assert rows[-1]["rewards/margin"] > rows[1]["rewards/margin"] + 0.2
     for key in ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected", "lambda"):
-        assert key in rows[0]
+        assert key in rows[1]
 
 
 def test_dpo_resume_matches(sft_dir, tmp_path):
@@ -72,8 +73,8 @@ def test_dpo_resume_matches(sft_dir, tmp_path):
     run_dpo(dpo_recipe(b, sft_dir, train={"max_steps": 8}, checkpoint={"every": 4}), resume="latest")
     rows_a = [json.loads(x) for x in (a / "metrics.jsonl").read_text().splitlines()]
     rows_b = [json.loads(x) for x in (b / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows_b] == list(range(1, 9))
-    for ra, rb in zip(rows_a, rows_b):
+    assert [r["step"] for r in rows_b] == list(range(0, 9))
+    for ra, rb in zip(rows_a[1:], rows_b[1:]):
         assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5, abs=1e-6)
 
 

@@ -52,7 +52,8 @@ def test_token_losses_match_manual_cross_entropy():
 
 def test_loss_falls_and_lambda_follows_schedule(tmp_path):
     final = run_sft(recipe(tmp_path, train={"max_steps": 40}))
-    rows = read_metrics(tmp_path)
+    baseline, *rows = read_metrics(tmp_path)
+    assert baseline["step"] == 0 and baseline["val_loss"] > rows[-1]["val_loss"]  # validation before the first step
     assert [r["step"] for r in rows] == list(range(1, 41))
     for r in rows:  # step s was trained with λ(s - 1)
         assert r["lambda"] == pytest.approx(lambda_at(r["step"] - 1, "linear", 8))
@@ -71,8 +72,8 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     # throw away the second half of run b, then resume it from its step-6 checkpoint
     run_sft(recipe(b, checkpoint={"every": 6, "keep_last": 2}), resume=str(b / "checkpoints" / "step-0000006"))
     rows_a, rows_b = read_metrics(a), read_metrics(b)
-    assert [r["step"] for r in rows_b] == list(range(1, 13))
-    for ra, rb in zip(rows_a, rows_b):
+    assert [r["step"] for r in rows_b] == list(range(0, 13))  # step 0: validation before training
+    for ra, rb in zip(rows_a[1:], rows_b[1:]):
         assert rb["lambda"] == ra["lambda"] and rb["lr"] == pytest.approx(ra["lr"], rel=1e-12)
         # same weights, data and optimizer state: equal up to float summation order (1e-5 relative)
         assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5)
@@ -102,6 +103,6 @@ def test_bad_data_is_a_user_error(tmp_path):
 
 def test_sum_aggregation_trains(tmp_path):
     run_sft(recipe(tmp_path, train={"max_steps": 3, "loss_aggregation": "sum"}, optimizer={"lr": 1e-4}))
-    rows = read_metrics(tmp_path)
+    rows = read_metrics(tmp_path)[1:]  # [0] is the step-0 validation
     # the summed objective is the mean token loss times the number of trainable tokens
     assert all(r["loss"] > 10 * r["token_loss"] for r in rows)
