@@ -16,16 +16,16 @@ from typing import Any, Callable
 import torch
 
 from bitnet_rl.data.demo import format_completion, make_prompts
-from bitnet_rl.data.sft import SFTCollator, tokenize_sft
+from bitnet_rl.data.sft import tokenize_sft
 from bitnet_rl.data.tokenizer import pad_id
-from bitnet_rl.eval.task import kl_to_reference, sample, task_metrics
-from bitnet_rl.models.io import load_policy, load_tokenizer, save_checkpoint
+from bitnet_rl.models.io import load_tokenizer, save_checkpoint
 from bitnet_rl.recipe import Recipe, TinyModelConfig, validate
 from bitnet_rl.rewards.python_fn import PythonReward
 
 REWARD_SPEC = "reward_models.demo_task:reward"
 EVAL_PROMPTS = 256
 MAX_NEW_TOKENS = 12
+FINAL_EVAL_PROMPTS, FINAL_EVAL_SAMPLES = 128, 4
 
 TINY_SHAPE = {"hidden_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 256}
 SFT_RECIPE: dict[str, Any] = {
@@ -48,6 +48,7 @@ class Context:
     checkpoints: dict[str, Path] = field(default_factory=dict)
     rows: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    sft_sampled: torch.Tensor | None = None  # SFT's rewards on the temperature-1 samples, for win rates
 
 
 def demo_reward():
@@ -63,34 +64,59 @@ def heldout_examples(tokenizer, n: int = EVAL_PROMPTS):
 
 
 def evaluate(ctx: Context, name: str, model_dir: Path, seconds: float) -> dict[str, Any]:
-    """Greedy accuracy and mean reward on held-out prompts, plus held-out loss, for one checkpoint."""
+    """One row of the table, computed by the eval code (`bitnet_rl.eval.core`): greedy accuracy
+    and reward, reward of temperature-1 samples and their win rate against SFT's samples (same
+    seeds), held-out loss on correct answers, and KL to SFT on the policy's own samples."""
     from reward_models.demo_task import is_correct
 
-    from bitnet_rl.rollout import make_generator
-    from bitnet_rl.train.sft import evaluate_loss
+    from bitnet_rl.eval import core
+    from bitnet_rl.eval.metrics import win_rate
 
-    model = load_policy(model_dir).eval()
-    generator = make_generator(model, backend="packed", max_batch_size=64, max_seq_len=64)
-    samples = sample(generator, ctx.tokenizer, make_prompts(EVAL_PROMPTS, seed=1), MAX_NEW_TOKENS, temperature=0.0)
-    metrics = task_metrics(samples, demo_reward(), is_correct)
-    loss = evaluate_loss(model, heldout_examples(ctx.tokenizer), SFTCollator(pad_id(ctx.tokenizer)))["val_loss"]
-    drawn = sample(generator, ctx.tokenizer, make_prompts(EVAL_PROMPTS, seed=1), MAX_NEW_TOKENS, temperature=1.0, seed=7)
-    sampled_reward = task_metrics(drawn, demo_reward())["reward"]
-    kl = None
-    if "sft" in ctx.checkpoints and name not in ("init", "sft"):
-        kl = kl_to_reference(model, load_policy(ctx.checkpoints["sft"]).eval(), drawn, pad_id(ctx.tokenizer))
+    policy = core.load_model(name, model_dir, "packed", "cpu", max_batch_size=64, max_seq_len=64)
+    prompts, sources = make_prompts(EVAL_PROMPTS, seed=1), [(1.0, demo_reward())]
+    greedy = core.draw(policy, prompts, 1, 0.0, MAX_NEW_TOKENS, seed=0, batch_size=64)
+    greedy_metrics = core.sample_metrics(greedy, core.score_rewards(sources, greedy), 1, is_correct)
+    drawn = core.draw(policy, prompts, 1, 1.0, MAX_NEW_TOKENS, seed=7, batch_size=64)
+    sampled = core.score_rewards(sources, drawn)[core.TOTAL]
+    pad = pad_id(ctx.tokenizer)
     row = {
         "stage": name,
-        "accuracy": metrics["accuracy"],
-        "reward": metrics["reward"],
-        "sampled_reward": sampled_reward,
-        "heldout_loss": loss,
-        "kl": kl,
+        "accuracy": greedy_metrics["pass"]["pass@1"],
+        "reward": greedy_metrics["reward"][core.TOTAL]["mean"],
+        "sampled_reward": float(sampled.mean()),
+        "heldout_loss": core.perplexity_metrics(policy.module, heldout_examples(ctx.tokenizer), pad)["nll"],
+        "kl": None,
+        "win_rate": None,
         "seconds": seconds,
+        "sample": f"{greedy.prompts[0]}{greedy.completions[0]}",
     }
-    row["sample"] = f"{samples.prompts[0]}{samples.completions[0]}"
+    if name == "sft":
+        ctx.sft_sampled = sampled
+    elif ctx.sft_sampled is not None and name != "init":
+        row["win_rate"] = win_rate(sampled, ctx.sft_sampled)["win_rate"]
+        sft = core.load_model("sft", ctx.checkpoints["sft"], "packed", "cpu", max_batch_size=64, max_seq_len=64)
+        row["kl"] = core.kl_metrics(policy.module, sft.module, drawn, pad)["k1_seq"]
     ctx.rows.append(row)
     return row
+
+
+def final_report(ctx: Context, echo: Callable[[str], None]) -> Path | None:
+    """`bitnet-rl eval` of the last aligned policy against the SFT checkpoint (report under OUT/eval)."""
+    from bitnet_rl.eval.run import EvalConfig, run_eval
+
+    policies = [name for name, _, is_policy in STAGES if is_policy and name in ctx.checkpoints and name not in ("init", "sft")]
+    if not policies or "sft" not in ctx.checkpoints:
+        return None
+    final = policies[-1]
+    rewards = [REWARD_SPEC] + ([f"0*{ctx.checkpoints['rm']}"] if "rm" in ctx.checkpoints else [])  # the RM's score, shown but not summed
+    config = EvalConfig(
+        checkpoint=str(ctx.checkpoints[final]), ref=str(ctx.checkpoints["sft"]), rewards=rewards, prompts="demo",
+        num_prompts=FINAL_EVAL_PROMPTS, n_samples=FINAL_EVAL_SAMPLES, temperature=1.0, max_new_tokens=MAX_NEW_TOKENS,
+        out=str(ctx.out / "eval"), progress=ctx.progress, command=["bitnet-rl", "eval", str(ctx.checkpoints[final]), "--ref", str(ctx.checkpoints["sft"])],
+    )  # fmt: skip
+    echo(f"\n[eval] {final} against sft, {FINAL_EVAL_PROMPTS} held-out prompts x {FINAL_EVAL_SAMPLES} samples:")
+    run_eval(config, echo=echo)
+    return ctx.out / "eval" / "report.md"
 
 
 def stage_init(ctx: Context) -> Path:
@@ -204,13 +230,14 @@ STAGES: list[tuple[str, Callable[[Context], Path], bool]] = [
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| stage | accuracy (greedy) | mean reward (greedy) | mean reward (sampled, T=1) | held-out loss | KL to SFT | stage time |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| stage | accuracy (greedy) | mean reward (greedy) | mean reward (sampled, T=1) | win rate vs SFT (T=1) | held-out loss | KL to SFT | stage time |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in rows:
         kl = "—" if row.get("kl") is None else f"{row['kl']:.3f}"
+        win = "—" if row.get("win_rate") is None else f"{row['win_rate']:.1%}"
         lines.append(
-            f"| {row['stage']} | {row['accuracy']:.1%} | {row['reward']:.3f} | {row['sampled_reward']:.3f} | "
+            f"| {row['stage']} | {row['accuracy']:.1%} | {row['reward']:.3f} | {row['sampled_reward']:.3f} | {win} | "
             f"{row['heldout_loss']:.3f} | {kl} | {row['seconds']:.0f} s |"
         )
     return "\n".join(lines)
@@ -240,5 +267,6 @@ def run_quickstart(
     echo(format_table(ctx.rows))
     for note in ctx.notes:
         echo(note)
+    final_report(ctx, echo)
     echo(f"\ntotal wall time {time.perf_counter() - started:.0f} s; checkpoints under {ctx.out}/")
     return ctx.rows

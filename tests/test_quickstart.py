@@ -22,4 +22,5 @@ def test_shipped_tiny_recipes_are_the_quickstart_stages():
 
 def test_table_formatting():
     row = {"stage": "ppo", "accuracy": 0.5, "reward": 0.25, "sampled_reward": 0.125, "heldout_loss": 1.5, "kl": 0.75, "seconds": 3.2}
-    assert "| ppo | 50.0% | 0.250 | 0.125 | 1.500 | 0.750 | 3 s |" in format_table([row])
+    assert "| ppo | 50.0% | 0.250 | 0.125 | — | 1.500 | 0.750 | 3 s |" in format_table([row])
+    assert "| ppo | 50.0% | 0.250 | 0.125 | 62.5% | 1.500 | 0.750 | 3 s |" in format_table([{**row, "win_rate": 0.625}])

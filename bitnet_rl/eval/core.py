@@ -78,9 +78,16 @@ def sample_metrics(samples: Samples, rewards: dict[str, torch.Tensor], n_samples
     return out
 
 
-def kl_metrics(policy: nn.Module, reference: nn.Module, samples: Samples, pad_id: int, batch_size: int = 8) -> dict[str, float]:
+LOGIT_BUDGET = 2**24  # float32 logits held per model per batch of the KL pass (64 MiB)
+
+
+def kl_metrics(policy: nn.Module, reference: nn.Module, samples: Samples, pad_id: int, batch_size: int | None = None) -> dict[str, float]:
     """KL(policy ‖ reference) on `samples` (drawn from the policy at temperature 1): k1, k3 and the
-    full-vocabulary value, per token and per sequence, with standard errors."""
+    full-vocabulary value, per token and per sequence, with standard errors. The default batch
+    holds about `LOGIT_BUDGET` logits (batch × length × vocabulary)."""
+    if batch_size is None:
+        longest = max((len(p) + len(c) for p, c in zip(samples.prompt_ids, samples.completion_ids)), default=1)
+        batch_size = min(64, max(1, LOGIT_BUDGET // (longest * policy.config.vocab_size)))
     scored = paired_logprobs(policy, reference, samples.prompt_ids, samples.completion_ids, pad_id, batch_size)
     return kl_summary(scored.policy, scored.reference, scored.exact_kl)
 
