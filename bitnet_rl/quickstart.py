@@ -65,8 +65,8 @@ def heldout_examples(tokenizer, n: int = EVAL_PROMPTS):
 
 def evaluate(ctx: Context, name: str, model_dir: Path, seconds: float) -> dict[str, Any]:
     """One row of the table, computed by the eval code (`bitnet_rl.eval.core`): greedy accuracy
-    and reward, reward of temperature-1 samples and their win rate against SFT's samples (same
-    seeds), held-out loss on correct answers, and KL to SFT on the policy's own samples."""
+    and reward, reward of temperature-1 samples and their win rate against SFT's own
+    samples (drawn independently), held-out loss on correct answers, and KL to SFT on the policy's own samples."""
     from reward_models.demo_task import is_correct
 
     from bitnet_rl.eval import core
@@ -90,8 +90,9 @@ def evaluate(ctx: Context, name: str, model_dir: Path, seconds: float) -> dict[s
         "seconds": seconds,
         "sample": f"{greedy.prompts[0]}{greedy.completions[0]}",
     }
-    if name == "sft":
-        ctx.sft_sampled = sampled
+    if name == "sft":  # the baseline of the win rates: SFT's own samples, drawn independently
+        baseline = core.draw(policy, prompts, 1, 1.0, MAX_NEW_TOKENS, seed=7 + core.REFERENCE_SEED_OFFSET, batch_size=64)
+        ctx.sft_sampled = core.score_rewards(sources, baseline)[core.TOTAL]
     elif ctx.sft_sampled is not None and name != "init":
         row["win_rate"] = win_rate(sampled, ctx.sft_sampled)["win_rate"]
         sft = core.load_model("sft", ctx.checkpoints["sft"], "packed", "cpu", max_batch_size=64, max_seq_len=64)

@@ -18,6 +18,10 @@ from bitnet_rl.eval.scoring import paired_logprobs, token_nll
 from bitnet_rl.eval.task import Samples, sample
 
 TOTAL = "total"  # the key of the weighted sum of all reward sources
+# The reference samples with other seeds than the policy: independent draws, so the win rate
+# estimates the usual P(policy sample beats reference sample). With shared seeds two similar
+# models produce identical samples (ties) far more often than independent draws would.
+REFERENCE_SEED_OFFSET = 1_000_003
 REPETITION_N = 4
 
 
@@ -43,7 +47,7 @@ def load_model(label: str, path, backend: str, device: str, max_batch_size: int,
 
 
 def draw(model: Model, prompts: list[Any], n_samples: int, temperature: float, max_new_tokens: int, seed: int, batch_size: int, progress: Callable[[int], None] | None = None) -> Samples:
-    """`n_samples` completions per prompt from `model` (same seeds for every model: paired draws)."""
+    """`n_samples` completions per prompt from `model`, batch b seeded `seed + b·batch_size`."""
     return sample(model.generator, model.tokenizer, prompts, max_new_tokens, temperature, seed, batch_size, n_samples, progress)
 
 

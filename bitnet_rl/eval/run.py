@@ -1,6 +1,6 @@
 """`bitnet-rl eval CKPT`: did an aligned checkpoint get better, and at what cost?
 
-Samples the checkpoint (and the reference, with the same seeds) on held-out prompts, scores
+Samples the checkpoint (and the reference, independently) on held-out prompts, scores
 the samples with every reward source, compares the two (win rate with a bootstrap interval,
 KL on the policy's temperature-1 samples), adds perplexity on data, length / stop / repetition
 statistics, pass@k, ternary health and optionally lm-evaluation-harness tasks, then writes
@@ -154,7 +154,8 @@ def run_eval(cfg: EvalConfig, echo: Callable[[str], None] = print) -> dict[str, 
         with tqdm(total=total, desc="sampling", unit="sample", disable=not cfg.progress, dynamic_ncols=True) as bar:
             for label, model in models.items():
                 bar.set_postfix_str(label)
-                samples[label] = core.draw(model, prompts, cfg.n_samples, cfg.temperature, cfg.max_new_tokens, cfg.seed, batch, bar.update)
+                seed = cfg.seed + (core.REFERENCE_SEED_OFFSET if label == "reference" else 0)
+                samples[label] = core.draw(model, prompts, cfg.n_samples, cfg.temperature, cfg.max_new_tokens, seed, batch, bar.update)
             kl_samples = core.draw(models["policy"], prompts, 1, 1.0, cfg.max_new_tokens, cfg.seed + 1, batch, bar.update) if kl_draw else samples.get("policy")
         for label, drawn in samples.items():
             rewards[label] = core.score_rewards(sources, drawn)
