@@ -11,7 +11,7 @@ from typing import Any
 # curve name -> metric keys that feed it, in order of preference (SFT/DPO/RM and PPO spell them differently)
 CURVES: dict[str, tuple[str, ...]] = {
     "reward": ("reward", "val_reward", "eval/reward"),
-    "KL": ("kl", "approx_kl"),
+    "KL to reference": ("kl",),
     "loss": ("loss", "loss/policy", "val_loss"),
     "λ": ("lambda",),
     "flip rate": ("flip_rate",),

@@ -36,7 +36,7 @@ def reward_distributions(rewards: dict[str, dict[str, torch.Tensor]], path: Path
         for label, v in values.items():
             ax.hist(v.tolist(), bins=bins, alpha=0.55, label=f"{label} (mean {float(v.mean()):.3f})", color=COLORS.get(label))
             ax.axvline(float(v.mean()), color=COLORS.get(label), linestyle="--", linewidth=1)
-        ax.set_title(_short(source))
+        ax.set_title("weighted sum" if source == "total" else _short(source))
         ax.set_xlabel("reward")
         ax.set_ylabel("samples")
         ax.legend(fontsize=8)
@@ -49,7 +49,8 @@ def length_histograms(lengths: dict[str, list[int]], max_new_tokens: int, path: 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.6))
     top = max([max_new_tokens] + [max(v, default=0) for v in lengths.values()])
-    bins = list(range(0, top + 2, max(1, (top + 1) // 40)))
+    step = max(1, (top + 1) // 40)
+    bins = [edge - 0.5 * step for edge in range(0, top + 2 * step, step)]  # integer lengths at bin centres
     for label, values in lengths.items():
         mean = sum(values) / max(len(values), 1)
         ax.hist(values, bins=bins, alpha=0.55, label=f"{label} (mean {mean:.1f})", color=COLORS.get(label))

@@ -181,7 +181,7 @@ def run_eval(cfg: EvalConfig, echo: Callable[[str], None] = print) -> dict[str, 
     results["seconds"] = time.perf_counter() - started
     report, _ = write_report(results, out_dir)
     echo(format_summary(summary_rows(results)))
-    echo(f"report: {report} (results.json and {len(results['plots'])} plots beside it)")
+    echo(f"report: {report} (results.json and {len(results['plots'])} plots beside it; {results['seconds']:.0f} s)")
     return results
 
 

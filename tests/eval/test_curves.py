@@ -24,7 +24,7 @@ def test_curves_pick_the_keys_each_stage_logs(tmp_path):
     rows = [{"step": 0, "val_loss": 3.0}, {"step": 1, "loss": 2.0, "kl": 0.1, "lambda": 1.0}, {"step": 2, "loss": 1.0, "kl": 0.2, "lambda": 1.0}]
     found = curves(rows)
     assert found["loss"] == {"loss": [[1, 2], [2.0, 1.0]], "val_loss": [[0], [3.0]]}
-    assert found["KL"] == {"kl": [[1, 2], [0.1, 0.2]]} and "flip rate" not in found
+    assert found["KL to reference"] == {"kl": [[1, 2], [0.1, 0.2]]} and "flip rate" not in found
 
 
 def test_sft_command_ends_with_its_last_metrics(tmp_path):
