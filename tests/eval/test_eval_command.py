@@ -74,11 +74,12 @@ def test_defaults_come_from_the_run(run_dir, tiny_dir):
     assert (run_dir / "eval" / "training.png").is_file()
 
 
-def test_without_reference(run_dir, tmp_path):
-    result = _eval(run_dir, "--ref", "none", "--num-prompts", 4, "--max-new-tokens", 3, "--out", tmp_path / "r")
+def test_without_reference_on_the_policy_backend(run_dir, tmp_path):
+    result = _eval(run_dir, "--ref", "none", "--num-prompts", 4, "--max-new-tokens", 3, "--backend", "policy", "--out", tmp_path / "r")
     assert result.exit_code == 0, result.output
     results = json.loads((tmp_path / "r" / "results.json").read_text())
     assert results["reference_path"] is None and "comparison" not in results
+    assert results["policy"]["reward"]["total"]["n"] == 4 and results["settings"]["backend"] == "policy"
 
 
 @pytest.fixture(scope="module")
