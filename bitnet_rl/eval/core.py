@@ -36,14 +36,23 @@ class Model:
     generator: Any
 
 
-def load_model(label: str, path, backend: str, device: str, max_batch_size: int, max_seq_len: int) -> Model:
+def load_model(label: str, path, backend: str, device: str, max_batch_size: int, max_seq_len: int, lam: float = 1.0) -> Model:
+    """The policy at λ `lam` (bf16 on CUDA, float32 on CPU) with its tokenizer and a generator."""
     from bitnet_rl.models.io import load_policy, load_tokenizer
     from bitnet_rl.rollout import make_generator
 
     dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    module = load_policy(path, dtype=dtype, device=device).eval()
+    module = load_policy(path, lam=lam, dtype=dtype, device=device).eval()
     generator = make_generator(module, backend, max_batch_size=max_batch_size, max_seq_len=max_seq_len, device=device)
     return Model(label, str(path), module, load_tokenizer(path), generator)
+
+
+def model_lambda(module: nn.Module) -> float:
+    """The λ the model's BitLinear layers compute with (1: fully ternary)."""
+    from bitnet_rl.quant.bitlinear import bitlinear_modules
+
+    layers = bitlinear_modules(module)
+    return float(layers[0][1].lam) if layers else 1.0
 
 
 def draw(model: Model, prompts: list[Any], n_samples: int, temperature: float, max_new_tokens: int, seed: int, batch_size: int, progress: Callable[[int], None] | None = None) -> Samples:

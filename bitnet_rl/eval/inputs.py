@@ -52,6 +52,20 @@ def run_recipe(run_dir: Path | None) -> dict[str, Any]:
         return {}
 
 
+def checkpoint_lambda(model_dir: Path) -> float:
+    """λ the checkpoint's run would use next (its recipe's schedule at its saved step); 1 when unknown.
+
+    A checkpoint saved during λ warm-up computes the blend W + λ·(Q(W) − W), not the ternary model."""
+    from bitnet_rl.quant.schedule import lambda_at
+
+    state_file = model_dir / "trainer_state" / "state.json"
+    schedule = (run_recipe(run_dir_of(model_dir)).get("quant") or {}).get("schedule")
+    if not schedule or not state_file.is_file():
+        return 1.0
+    step = json.loads(state_file.read_text()).get("step", 0)
+    return float(lambda_at(step, schedule.get("kind", "linear"), schedule.get("warmup_steps", 0), schedule.get("k", 10.0), schedule.get("value", 1.0)))
+
+
 def check_same_tokenizer(policy_tokenizer: Any, reference_tokenizer: Any, ref_path: Path) -> None:
     """KL and side-by-side comparison need one token space: same vocabulary and special tokens."""
     if policy_tokenizer.get_vocab() != reference_tokenizer.get_vocab():

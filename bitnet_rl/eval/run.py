@@ -133,10 +133,15 @@ def run_eval(cfg: EvalConfig, echo: Callable[[str], None] = print) -> dict[str, 
     examples = core.data_examples(cfg.data, tokenizer) if cfg.data else None
     longest = max((len(encode_prompt(tokenizer, p)) for p in prompts), default=1)
     batch = min(cfg.batch_size, max(len(prompts) * cfg.n_samples, 1))
-    load = lambda label, path: core.load_model(label, path, cfg.backend, device, batch, longest + cfg.max_new_tokens)  # noqa: E731
-    models = {"policy": load("policy", model_dir)}
-    if ref_dir is not None:
-        models["reference"] = load("reference", ref_dir)
+    models = {}
+    for label, path in (("policy", model_dir), ("reference", ref_dir)):
+        if path is None:
+            continue
+        lam = inputs.checkpoint_lambda(path)
+        if lam < 1.0:
+            notes.append(f"{label} {path} was saved during λ warm-up: evaluated at λ = {lam:.3f}" + (" (sampling with --backend packed draws from the fully ternary model; use --backend policy)" if cfg.backend == "packed" else ""))
+            echo(f"note: {notes[-1]}")
+        models[label] = core.load_model(label, path, cfg.backend, device, batch, longest + cfg.max_new_tokens, lam=lam)
     pad = tokenizer.pad_token_id
 
     results: dict[str, Any] = {
@@ -145,6 +150,7 @@ def run_eval(cfg: EvalConfig, echo: Callable[[str], None] = print) -> dict[str, 
         "run_dir": str(run_dir) if run_dir else None,
         "command": cfg.command,
         "settings": {**asdict(cfg), "prompts_count": len(prompts), "device": device},
+        "lambda": {label: core.model_lambda(model.module) for label, model in models.items()},
         "notes": notes,
     }
     samples, rewards = {}, {}

@@ -125,3 +125,17 @@ def test_bad_inputs_are_one_line_exit_2(case, match, tiny_dir, bad_dirs):
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and match in lines[0] and "Traceback" not in result.output
+
+
+def test_checkpoint_saved_during_lambda_warmup_is_evaluated_at_its_lambda(tiny_dir, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_dir, run / "final")
+    (run / "final" / "trainer_state").mkdir()
+    (run / "final" / "trainer_state" / "state.json").write_text(json.dumps({"step": 30}))
+    (run / "recipe.json").write_text(json.dumps({"quant": {"schedule": {"kind": "linear", "warmup_steps": 100}}}))
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 30, "loss": 1.0}) + "\n")
+    result = _eval(run, "--prompts", "demo", "--num-prompts", 2, "--max-new-tokens", 2, "--backend", "policy", "--out", tmp_path / "r")
+    assert result.exit_code == 0, result.output
+    results = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert results["lambda"]["policy"] == pytest.approx(0.3)  # linear schedule at step 30 of 100
+    assert any("λ = 0.300" in note for note in results["notes"])
