@@ -65,21 +65,28 @@ def _task_name(path: Path) -> str:
     return name
 
 
-def run_lm_eval(model: nn.Module, tokenizer: Any, spec: str, limit: int | None = None, batch_size: int = 8, seed: int = 0) -> dict[str, dict[str, float]]:
-    """Run the harness's tasks on `model`; returns {task: {metric: value}} (metric names as the
-    harness spells them, e.g. `acc,none`, `acc_stderr,none`)."""
+def prepare_tasks(spec: str) -> tuple[list[str], Any]:
+    """(task names, the harness's TaskManager), checking every name before any model runs."""
     require_lm_eval()
-    from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
     names, include = parse_tasks(spec)
-    device = str(next(model.parameters()).device)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
     manager = TaskManager(include_path=include or None)
     unknown = [n for n in names if n not in manager.all_tasks]
     if unknown:
         raise UserError(f"--lm-eval: unknown task {unknown[0]!r} (see `lm-eval ls tasks`, or pass a task YAML file)")
+    return names, manager
+
+
+def run_lm_eval(model: nn.Module, tokenizer: Any, tasks: tuple[list[str], Any], limit: int | None = None, batch_size: int = 8, seed: int = 0) -> dict[str, dict[str, float]]:
+    """Run the prepared harness tasks (`prepare_tasks`) on `model`; returns {task: {metric: value}}
+    (metric names as the harness spells them, e.g. `acc,none`, `acc_stderr,none`)."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    names, manager = tasks
+    device = str(next(model.parameters()).device)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
     out = simple_evaluate(
         model=lm, tasks=names, limit=limit, task_manager=manager, log_samples=False, bootstrap_iters=1000,
         random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,

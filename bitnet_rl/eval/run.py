@@ -64,6 +64,10 @@ def check_config(cfg: EvalConfig) -> None:
         raise UserError(f"--max-new-tokens must be at least 1 (got {cfg.max_new_tokens})")
     if cfg.num_prompts is not None and cfg.num_prompts < 1:
         raise UserError(f"--num-prompts must be at least 1 (got {cfg.num_prompts})")
+    from bitnet_rl.rollout import BACKENDS
+
+    if cfg.backend not in BACKENDS:
+        raise UserError(f"--backend {cfg.backend!r}: expected one of {', '.join(BACKENDS)}")
     if cfg.lm_eval:
         from bitnet_rl.eval.harness import require_lm_eval
 
@@ -131,6 +135,10 @@ def run_eval(cfg: EvalConfig, echo: Callable[[str], None] = print) -> dict[str, 
     if ref_dir is not None:
         inputs.check_same_tokenizer(tokenizer, load_tokenizer(ref_dir), ref_dir)
     examples = core.data_examples(cfg.data, tokenizer) if cfg.data else None
+    if cfg.lm_eval:
+        from bitnet_rl.eval.harness import prepare_tasks
+
+        lm_tasks = prepare_tasks(cfg.lm_eval)
     longest = max((len(encode_prompt(tokenizer, p)) for p in prompts), default=1)
     batch = min(cfg.batch_size, max(len(prompts) * cfg.n_samples, 1))
     models = {}
@@ -182,7 +190,7 @@ def run_eval(cfg: EvalConfig, echo: Callable[[str], None] = print) -> dict[str, 
     if cfg.lm_eval:
         from bitnet_rl.eval.harness import run_lm_eval
 
-        results["lm_eval"] = run_lm_eval(models["policy"].module, tokenizer, cfg.lm_eval, cfg.lm_eval_limit, seed=cfg.seed)
+        results["lm_eval"] = run_lm_eval(models["policy"].module, tokenizer, lm_tasks, cfg.lm_eval_limit, seed=cfg.seed)
     results["plots"] = [str(p) for p in make_plots(samples, rewards, run_dir, cfg, out_dir)]
     results["seconds"] = time.perf_counter() - started
     report, _ = write_report(results, out_dir)

@@ -39,12 +39,12 @@ def test_parse_tasks_reads_names_from_local_files(tmp_path):
 
 def test_lm_eval_on_a_local_task_scores_our_quantized_model(tmp_path, tiny_dir, monkeypatch):
     pytest.importorskip("lm_eval")
-    from bitnet_rl.eval.harness import run_lm_eval
+    from bitnet_rl.eval.harness import prepare_tasks, run_lm_eval
     from bitnet_rl.models.io import load_policy, load_tokenizer
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     model, tokenizer = load_policy(tiny_dir).eval(), load_tokenizer(tiny_dir)
-    results = run_lm_eval(model, tokenizer, str(_task(tmp_path)), limit=None, batch_size=4)
+    results = run_lm_eval(model, tokenizer, prepare_tasks(str(_task(tmp_path))), limit=None, batch_size=4)
     accuracy = results["tiny_sort"]["acc,none"]
     # the harness picks the choice of highest summed log-likelihood: recompute that with our model
     expected = []
