@@ -95,13 +95,20 @@ def _cell(text: str, width: int = 160) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
+def _prompt_text(prompt: Any) -> str:
+    """A plain prompt as is; chat messages as `role: content` turns."""
+    if isinstance(prompt, list):
+        return " / ".join(f"{m.get('role', '?')}: {m.get('content', '')}" for m in prompt if isinstance(m, dict))
+    return str(prompt)
+
+
 def samples_table(examples: list[dict[str, Any]]) -> str:
     """Prompts with the policy's and the reference's completions side by side, with their rewards."""
     with_ref = any("reference" in e for e in examples)
     head = "| # | prompt | policy | reward |" + (" reference | reward |" if with_ref else "")
     lines = [head, "| --- " * (6 if with_ref else 4) + "|"]
     for i, e in enumerate(examples):
-        row = f"| {i} | {_cell(str(e['prompt']))} | {_cell(e['policy'])} | {_num(e.get('policy_reward'))} |"
+        row = f"| {i} | {_cell(_prompt_text(e['prompt']))} | {_cell(e['policy'])} | {_num(e.get('policy_reward'))} |"
         if with_ref:
             row += f" {_cell(e.get('reference', ''))} | {_num(e.get('reference_reward'))} |"
         lines.append(row)
