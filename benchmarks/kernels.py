@@ -67,7 +67,7 @@ def main() -> None:
         weight = PackedWeight.from_codes(codes, scale)
         weight = PackedWeight(weight.packed, weight.dequant.expand(n).contiguous(), k, n)  # per-channel, as in the generator
         for m in rows:
-            results = tw.tune(weight, m, verbose=args.verbose)
+            results = tw.time_candidates(weight, m, verbose=args.verbose)
             best_us, best = results[0]
             copies = tw.rotating_copies(weight)
             x = torch.randint(-127, 128, (m, k), dtype=torch.int8, device="cuda")
@@ -82,7 +82,6 @@ def main() -> None:
                 return tw.time_graph(run) / len(copies) * 1e3
 
             no_asm_us = timed(best, use_asm=False)
-            tw._TUNED.clear()
             heuristic_us = timed(tw.select_config(m, n, weight.packed.shape[1], False, x.device))
             dense_us = bench_dense(m, k, n)
             moved = weight.packed.numel() + 4 * n + m * k + 4 * m * n

@@ -113,16 +113,14 @@ def test_norm_quant_matches_torch():
         w = torch.rand(inter, device="cuda", dtype=dtype) + 0.5
         outs = []
         for use_triton in (True, False):
-            layers._triton = (lambda t: True) if use_triton else (lambda t: False)
             q = torch.empty(7, inter, dtype=torch.int8, device="cuda")
             dq = torch.empty(7, device="cuda")
             s = torch.empty(7, dtype=torch.int32, device="cuda")
-            layers.norm_quant(inp, q, dq, s, gated=True, act="relu2", norm_weight=w, **kw)
+            layers.norm_quant(inp, q, dq, s, gated=True, act="relu2", norm_weight=w, triton=use_triton, **kw)
             r = res.clone()
             q2 = torch.empty(7, d, dtype=torch.int8, device="cuda")
-            layers.norm_quant(inp[:, :d], q2, dq.clone(), s.clone(), residual=r, norm_weight=w[:d], **kw)
+            layers.norm_quant(inp[:, :d], q2, dq.clone(), s.clone(), residual=r, norm_weight=w[:d], triton=use_triton, **kw)
             outs.append((q, dq, r, q2))
-        layers._triton = lambda t: t.is_cuda and triton_available()
         (qa, dqa, ra, q2a), (qb, dqb, rb, q2b) = outs
         assert (qa.int() - qb.int()).abs().max() <= 1 and (q2a.int() - q2b.int()).abs().max() <= 1
         torch.testing.assert_close(dqa, dqb, rtol=1e-5, atol=0)
