@@ -136,10 +136,12 @@ def decode_step(
 def prefill(
     model: PackedModel, ids: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     *, slot_offset: int = 0, last: torch.Tensor | None = None, prefill_tokens: int = 16384, tuner=None,
+    project: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Right-padded prompts `ids (B, P)` into cache slots `slot_offset …`, `prefill_tokens` rows a pass.
 
-    Returns float32 logits at positions `last (B,)` → `(B, V)`, or at every position → `(B, P, V)`.
+    Returns float32 logits at positions `last (B,)` → `(B, V)`, or at every position → `(B, P, V)`;
+    with `project`, `project(final residual (b, P, D), first row)` per pass instead (concatenated).
     `tuner` (a `rollout.tuning.Tuner`) tunes the W2A8 tiles for each new row count first.
     """
     batch, length = ids.shape
@@ -161,7 +163,15 @@ def prefill(
 
         run_layers(model, hidden, Work.empty(rows, model.arch, model.dtype, model.device), attend, kernels)
         hidden = hidden.view(b, length, -1)
+        if project is not None:
+            outs.append(project(hidden, r0))
+            continue
         if last is not None:
             hidden = hidden[torch.arange(b, device=model.device), last[r0 : r0 + b]]
         outs.append(head(model, hidden))
     return torch.cat(outs)
+
+
+def final_hidden(model: PackedModel, residual: torch.Tensor) -> torch.Tensor:
+    """The final RMSNorm of the residual stream (what the LM head reads)."""
+    return rms_norm(residual, model.final_norm, model.arch.eps)
