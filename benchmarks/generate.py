@@ -118,7 +118,7 @@ def time_replays(graph, count: int = 20) -> float:
 
 def breakdown(gen, batches, position: int = 256) -> dict:
     """Per-op GPU time of one decode step, each op captured over all layers in one CUDA graph."""
-    from bitnet_rl.quant.kernels.triton_w2a8 import time_graph
+    from bitnet_rl.quant.kernels.tuner import time_graph
     from bitnet_rl.rollout.forward import attention_kwargs, head
     from bitnet_rl.rollout.layers import decode_attention, linear, norm_quant
 

@@ -6,6 +6,10 @@ packed), all 30 layers, random weights, a word-level tokenizer with the 2B4T voc
 built locally. Rollouts come from the PackedGenerator.
 
     python benchmarks/ppo_iteration.py --layers 30 --prompts 64 --prompt-len 128 --new-tokens 128
+    python benchmarks/ppo_iteration.py --advantage grpo --samples 4 --prompts 16 ...   (GRPO: no critic)
+
+`--prompts` counts distinct prompts; each is sampled `--samples` times (64 sequences either way
+in the issue's setting: 64 × 1 for PPO, 16 × 4 for GRPO).
 """
 
 from __future__ import annotations
@@ -43,6 +47,9 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--minibatch", type=int, default=16)
     parser.add_argument("--micro", type=int, default=4)
+    parser.add_argument("--advantage", default="gae", choices=["gae", "grpo"])
+    parser.add_argument("--samples", type=int, default=1, help="samples per prompt (GRPO needs >= 2)")
+    parser.add_argument("--no-checkpointing", action="store_true")
     args = parser.parse_args()
 
     from bitnet_rl.models.convert import to_bitlinear
@@ -78,13 +85,14 @@ def main() -> None:
                 "prompts": str(work / "prompts.jsonl"),
                 "iterations": 2,
                 "prompts_per_iteration": args.prompts,
-                "advantage": "gae",
-                "critic": "policy",
+                "advantage": args.advantage,
+                "samples_per_prompt": args.samples,
+                **({"critic": "policy"} if args.advantage == "gae" else {}),
                 "epochs": 1,
                 "minibatch_size": args.minibatch,
                 "micro_batch_size": args.micro,
             },
-            "train": {"gradient_checkpointing": True},
+            "train": {"gradient_checkpointing": not args.no_checkpointing},
             "optimizer": {"lr": 1e-6},
             "logging": {"progress": False, "health_every": 0},
         },
@@ -97,7 +105,7 @@ def main() -> None:
     loaded = now_gib() - base
     parts = {
         "policy (bf16 master)": sum(p.numel() * p.element_size() for p in trainer.policy.parameters()),
-        "critic (bf16 master)": sum(p.numel() * p.element_size() for p in trainer.critic.parameters()),
+        "critic (bf16 master)": sum(p.numel() * p.element_size() for p in trainer.critic.parameters()) if trainer.critic is not None else 0,
         "reference (2-bit ternary)": sum(t.numel() * t.element_size() for t in list(trainer.reference.parameters()) + list(trainer.reference.buffers())),
         "reward model (2-bit ternary)": sum(t.numel() * t.element_size() for t in list(trainer.reward.model.parameters()) + list(trainer.reward.model.buffers())),
     }
@@ -108,7 +116,8 @@ def main() -> None:
     rows = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
     record = rows[-1]
     print(f"\n{device_name()}: 2B4T shape, {args.layers} layers; {args.prompts} prompts x {args.prompt_len} tokens, {args.new_tokens} new tokens, "
-          f"PPO epochs 1, minibatch {args.minibatch} (micro {args.micro}), gradient checkpointing, AdamW on bf16 params")
+          f"{args.advantage} x {args.samples} samples, "
+          f"PPO epochs 1, minibatch {args.minibatch} (micro {args.micro}), gradient checkpointing {not args.no_checkpointing}, AdamW on bf16 params")
     mem_rows = [[name, size / 2**30] for name, size in parts.items()]
     mem_rows.append(["all models + generator after setup", loaded])
     mem_rows.append(["peak during the iteration (incl. optimizer states, KV cache, activations)", peak])

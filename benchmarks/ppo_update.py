@@ -32,11 +32,12 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--minibatch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--variants", default="today,fast,chunked,micro16_ckpt,micro16")
+    parser.add_argument("--variants", default="today,fast,chunked,micro16_ckpt,micro16,fused_adam,compile")
+    parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of the last variant")
     args = parser.parse_args()
 
     from bitnet_rl.models.convert import enable_checkpointing, to_bitlinear
-    from bitnet_rl.models.forward import causal_lm_logprobs
+    from bitnet_rl.models.forward import causal_lm_logprobs, compile_decoder_layers
     from bitnet_rl.rl.advantages import masked_mean
     from bitnet_rl.rl.losses import ppo_policy_loss, value_loss
     from bitnet_rl.train.experience import Experience, completion_columns, critic_forward, policy_forward
@@ -44,8 +45,13 @@ def main() -> None:
     peak = matmul_peak()
     policy = to_bitlinear(bitnet_2b4t(args.layers))
     critic = to_bitlinear(bitnet_critic(args.layers))
-    opt_p = torch.optim.AdamW(policy.parameters(), lr=1e-7, betas=(0.9, 0.95))
-    opt_c = torch.optim.AdamW(critic.parameters(), lr=1e-7, betas=(0.9, 0.95))
+    optimizers = {
+        fused: (torch.optim.AdamW(policy.parameters(), lr=1e-7, betas=(0.9, 0.95), fused=fused),
+                torch.optim.AdamW(critic.parameters(), lr=1e-7, betas=(0.9, 0.95), fused=fused))
+        for fused in (False, True)
+    }
+    opt_p, opt_c = optimizers[False]
+    current = {"opts": (opt_p, opt_c)}
     length = args.prompt_len + args.new_tokens
     g = torch.Generator(device="cuda").manual_seed(0)
     ids = torch.randint(3, policy.config.vocab_size, (args.seqs, length), device="cuda", generator=g)
@@ -66,6 +72,7 @@ def main() -> None:
         return completion_columns(logps, part.prompt_lens, width), completion_columns(entropy, part.prompt_lens, width)
 
     def update(micro: int, chunked: bool) -> None:
+        opt_p, opt_c = current["opts"]
         order = torch.randperm(args.seqs, device="cuda")
         for start in range(0, args.seqs, args.minibatch):
             rows = order[start : start + args.minibatch]
@@ -100,6 +107,8 @@ def main() -> None:
         "chunked": dict(label="+ chunked log-probs (no (B,T,V) logits)", fast=True, chunked=True, micro=4, ckpt=True),
         "micro16_ckpt": dict(label=f"+ micro {args.minibatch} (checkpointing)", fast=True, chunked=True, micro=args.minibatch, ckpt=True),
         "micro16": dict(label=f"+ micro {args.minibatch}, no checkpointing", fast=True, chunked=True, micro=args.minibatch, ckpt=False),
+        "fused_adam": dict(label="+ fused AdamW", fast=True, chunked=True, micro=args.minibatch, ckpt=False, fused=True),
+        "compile": dict(label="+ torch.compile of the decoder layers", fast=True, chunked=True, micro=args.minibatch, ckpt=False, fused=True, compile=True),
     }
     n_policy = sum(p.numel() for p in policy.parameters()) - policy.model.embed_tokens.weight.numel()
     n_critic = sum(p.numel() for p in critic.parameters()) - critic.model.embed_tokens.weight.numel()
@@ -110,6 +119,11 @@ def main() -> None:
         set_bitlinear_fast_paths(policy, v["fast"])
         set_bitlinear_fast_paths(critic, v["fast"])
         set_checkpointing(v["ckpt"])
+        opt_p, opt_c = optimizers[v.get("fused", False)]
+        current["opts"] = (opt_p, opt_c)
+        if v.get("compile"):
+            compile_decoder_layers(policy)
+            compile_decoder_layers(critic)
         policy.train()
         critic.train()
         try:
@@ -124,7 +138,8 @@ def main() -> None:
                 times.append(time.perf_counter() - t0)
             seconds = min(times)
             mem = peak_gib()
-        except torch.OutOfMemoryError:
+        except (torch.OutOfMemoryError, RuntimeError) as err:  # OOM, or a compile failure
+            print(f"{name}: {type(err).__name__}: {str(err)[:300]}", flush=True)
             rows.append([v["label"], "OOM", "", "", "", ""])
             torch.cuda.empty_cache()
             continue
@@ -134,6 +149,14 @@ def main() -> None:
         opt_p.zero_grad(set_to_none=True)
         opt_c.zero_grad(set_to_none=True)
         torch.cuda.empty_cache()
+        last = v
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            update(last["micro"], last["chunked"])
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
     print(f"\n{device_name()}: PPO update, 2B4T shape, {args.layers} layers, {args.seqs} seqs x {length} tokens, minibatch {args.minibatch}, "
           f"policy {n_policy / 1e9:.2f} B + critic {n_critic / 1e9:.2f} B params (w/o input embedding), 6·N·tokens = {flops / 1e12:.0f} TFLOP; "
           f"measured bf16 matmul {peak / 1e12:.0f} TFLOP/s")

@@ -131,3 +131,16 @@ def causal_lm_logprobs(
     return chunked_head_logprobs(
         hidden[:, :-1], head.weight, input_ids[:, 1:], getattr(head, "bias", None), chunk_rows=chunk_rows, with_entropy=with_entropy
     )
+
+
+def compile_decoder_layers(model: nn.Module, **compile_kwargs) -> nn.Module:
+    """`torch.compile` each decoder layer of a Hugging Face model in place (regional compilation).
+
+    The one place training code turns on compilation. Layers share their code, so dynamo
+    compiles one graph and reuses it for every layer; norms, RoPE, activations and BitLinear's
+    quantizers (traced in torch under compile, see `quant.kernels.train`) fuse into few kernels,
+    while the matmuls stay cuBLAS calls. Returns `model`.
+    """
+    for layer in model.base_model.layers:
+        layer.compile(**compile_kwargs)
+    return model

@@ -159,7 +159,7 @@ class BitLinear(nn.Linear):
         def compute(w: torch.Tensor) -> torch.Tensor:
             return quantize_weight(w, self.granularity, self.group_size)
 
-        if not self.cache_quantized_weight:
+        if not self.cache_quantized_weight or torch.compiler.is_compiling():
             return compute(self.weight)
         if self._weight_cache is None:
             self._weight_cache = QuantizedWeightCache()

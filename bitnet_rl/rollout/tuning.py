@@ -38,7 +38,7 @@ class Tuner:
     def tune_attention(self, model, b: int, max_seq_len: int, length: int = 256) -> list[tuple[float, dict]]:
         """Time the decode-attention tiles for `b` rows at `length` cached tokens on scratch
         buffers (the live cache is untouched); remember the fastest for bucket `b`."""
-        from bitnet_rl.quant.kernels.triton_w2a8 import time_graph
+        from bitnet_rl.quant.kernels.tuner import time_graph
         from bitnet_rl.rollout.forward import attention_kwargs
 
         a, dev = model.arch, model.device

@@ -30,6 +30,8 @@ def fake_quantize_activation(x: torch.Tensor, *, triton: bool = True) -> torch.T
     """Per-token absmax int8 fake quantization (no gradient; wrap in the STE)."""
     from bitnet_rl.quant.bitlinear import quantize_activation
 
+    if torch.compiler.is_compiling():  # inside torch.compile the torch version is traced and fused
+        return quantize_activation(x)
     if use_triton(x, triton) and x.dtype in (torch.float32, torch.bfloat16, torch.float16):
         from bitnet_rl.quant.kernels.triton_train import fake_quant_rows
 

@@ -1,7 +1,8 @@
 """Triton W2A8 kernels: int8 activations × 2-bit ternary weights (kernel layout of `quant/pack.py`).
 
-`_w2a8_kernel` (tensor cores) serves skinny GEMMs (decode batches > 4) and prefill GEMMs; only
-the tile shape changes. `_w2a8_gemv_kernel` (CUDA cores, dp4a) is the candidate for M ≤ 4.
+`_w2a8_kernel` (tensor cores) serves skinny GEMMs (decode batches > 4) and prefill GEMMs with
+per-group scales; only the tile shape changes. Other prefill GEMMs (more than 256 rows) go to
+`triton_prefill` (codes unpacked per call + cuBLAS int8), which measured several times faster. `_w2a8_gemv_kernel` (CUDA cores, dp4a) is the candidate for M ≤ 4.
 `tune` times both kinds and keeps the faster per shape (measured on an H100: the dp4a GEMV wins
 for most batch-1 shapes, the tensor-core kernel for the fused gate|up).
 
@@ -435,6 +436,11 @@ def w2a8_matmul(
     if int_only and weight.group_size:
         raise ValueError("int_only needs per-tensor or per-channel scales")
     m = x_int8.shape[0]
+    if config is None:
+        from bitnet_rl.quant.kernels.triton_prefill import int_mm_matmul, int_mm_ok
+
+        if int_mm_ok(m, weight):
+            return int_mm_matmul(x_int8, act_dequant, weight, out=out, out_dtype=out_dtype, int_only=int_only)
     n, kb = weight.packed.shape
     if config is None:
         group = bool(weight.group_size)
@@ -445,54 +451,3 @@ def w2a8_matmul(
         launch(x_int8, act_dequant, act_sum, weight, out, config, int_only=int_only, tuner=tuner)
         return out if out.dtype == (torch.int32 if int_only else out_dtype) else out.to(out_dtype)
     return launch(x_int8, act_dequant, act_sum, weight, out, config, int_only=int_only, tuner=tuner)
-
-
-def time_graph(fn, replays: int = 10) -> float:
-    """Milliseconds per call of `fn`, timed as CUDA-graph replays (no launch overhead in the number)."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / replays
-
-
-def rotating_copies(weight, budget_bytes: int = 256 << 20, cap: int = 64) -> list:
-    """Copies of `weight` whose total exceeds the L2 cache, so timing sees memory, not cache."""
-    count = max(1, min(cap, budget_bytes // max(weight.nbytes(), 1)))
-    return [weight.clone() for _ in range(count)]
-
-
-def time_candidates(weight, m: int, *, verbose: bool = False, use_asm: bool | None = None) -> list[tuple[float, Config]]:
-    """Time every candidate for `weight` at `m` rows (CUDA graphs, weights rotated past L2).
-    Returns `(µs per call, config)`, fastest first (the caller keeps the winner)."""
-    n, kb = weight.packed.shape
-    group = bool(weight.group_size)
-    device = weight.packed.device
-    x = torch.randint(-127, 128, (m, weight.in_features), dtype=torch.int8, device=device)
-    xdq = torch.rand(m, device=device) * 1e-2
-    xsum = x.sum(-1, dtype=torch.int32)
-    out = torch.empty((m, n), dtype=torch.float32, device=device)
-    weights = rotating_copies(weight)
-    results = []
-    for config in candidates(m, n, kb, group):
-        def run(c=config):
-            for w in weights:
-                launch(x, xdq, xsum, w, out, c, use_asm=use_asm)
-
-        try:
-            ms = time_graph(run) / len(weights)
-        except Exception as err:  # a tile that does not compile or fit is skipped
-            if verbose:
-                print(f"skip {config}: {type(err).__name__}: {err}")
-            continue
-        results.append((ms * 1e3, config))
-    results.sort(key=lambda r: r[0])
-    return results
