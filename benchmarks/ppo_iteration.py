@@ -39,7 +39,7 @@ def word_tokenizer(vocab_size: int):
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
 
 
-def main() -> None:
+def parse(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--prompts", type=int, default=64)
@@ -50,8 +50,11 @@ def main() -> None:
     parser.add_argument("--advantage", default="gae", choices=["gae", "grpo"])
     parser.add_argument("--samples", type=int, default=1, help="samples per prompt (GRPO needs >= 2)")
     parser.add_argument("--no-checkpointing", action="store_true")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
 
+
+def run(args: argparse.Namespace) -> dict:
+    """Build, run two iterations, print the tables; returns the second iteration's metrics record."""
     from bitnet_rl.models.convert import to_bitlinear
     from bitnet_rl.models.io import save_checkpoint
     from bitnet_rl.models.value import load_scalar_model
@@ -131,6 +134,12 @@ def main() -> None:
     print(table(["phase", "iteration 1 s (incl. kernel tuning + graph capture)", "iteration 2 s"], split))
     print(f"two iterations + final checkpoint (policy, critic, optimizers) {iteration_s:.0f} s")
     print(f"setup (build + save + load dirs) {setup_s:.0f} s; fits one 80 GB GPU: {'yes' if peak < 79 else 'no'} (peak {peak:.1f} GiB)")
+    del trainer
+    return {**record, "iteration_s": sum(record[k] for k in phases), "peak_gib": peak}
+
+
+def main() -> None:
+    run(parse())
 
 
 if __name__ == "__main__":
