@@ -69,13 +69,26 @@ def _tiny_cuda_bitnet(dtype):
 def test_frozen_kernels_match_reference_path_on_gpu():
     """The W2A8 kernel path against the torch reference path of the same frozen copy.
 
-    float32: ≤ 1e-4 relative (the int32 sums are exact; only the scaling rounds differently);
-    bf16: ≤ 2e-2 relative on the logits (bf16 residual stream and fake-quant roundings).
+    One projection in float32: ≤ 1e-5 relative (exact int32 sums; only the scaling rounds
+    differently). Whole models: ≤ 2e-2 relative on the logits in float32 and bf16: a last-bit
+    difference can move a later int8 activation across a rounding boundary (measured 2.2e-3
+    in float32 on an H200).
     """
     from bitnet_rl.models.frozen import set_kernels
+    from bitnet_rl.quant.bitlinear import BitLinear
+
+    torch.manual_seed(0)
+    bit = BitLinear(2560, 640, bias=True, granularity="per_channel").cuda()
+    layer = PackedTernaryLinear(bit)
+    x = torch.randn(300, 2560, device="cuda")
+    with torch.no_grad():
+        fast = layer(x)
+        layer.use_kernels = False
+        ref = layer(x)
+    assert float((fast - ref).norm() / ref.norm()) <= 1e-5
 
     ids = torch.randint(3, 320, (4, 48), device="cuda", generator=torch.Generator(device="cuda").manual_seed(1))
-    for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 2e-2)):
+    for dtype in (torch.float32, torch.bfloat16):
         frozen = frozen_ternary_copy(_tiny_cuda_bitnet(dtype))
         with torch.no_grad():
             fast = frozen(ids).logits.float()
@@ -83,4 +96,4 @@ def test_frozen_kernels_match_reference_path_on_gpu():
             ref = frozen(ids).logits.float()
         assert frozen.kernel_tuner.configs  # tuned on the first kernel forward
         rel = float((fast - ref).norm() / ref.norm())
-        assert rel <= tol, (dtype, rel)
+        assert rel <= 2e-2, (dtype, rel)

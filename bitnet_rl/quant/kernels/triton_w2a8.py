@@ -1,8 +1,8 @@
 """Triton W2A8 kernels: int8 activations × 2-bit ternary weights (kernel layout of `quant/pack.py`).
 
-`_w2a8_kernel` (tensor cores) serves skinny GEMMs (decode batches > 4) and prefill GEMMs with
-per-group scales; only the tile shape changes. Other prefill GEMMs (more than 256 rows) go to
-`triton_prefill` (codes unpacked per call + cuBLAS int8), which measured several times faster. `_w2a8_gemv_kernel` (CUDA cores, dp4a) is the candidate for M ≤ 4.
+`_w2a8_kernel` (tensor cores) serves skinny GEMMs (decode batches > 4) and prefill GEMMs; only
+the tile shape changes. (Unpacking the codes per call and running cuBLAS's int8 GEMM instead
+was tried for prefill and was 10–30% slower end to end on an H200; see the issue 13 note.) `_w2a8_gemv_kernel` (CUDA cores, dp4a) is the candidate for M ≤ 4.
 `tune` times both kinds and keeps the faster per shape (measured on an H100: the dp4a GEMV wins
 for most batch-1 shapes, the tensor-core kernel for the fused gate|up).
 
@@ -436,11 +436,6 @@ def w2a8_matmul(
     if int_only and weight.group_size:
         raise ValueError("int_only needs per-tensor or per-channel scales")
     m = x_int8.shape[0]
-    if config is None:
-        from bitnet_rl.quant.kernels.triton_prefill import int_mm_matmul, int_mm_ok
-
-        if int_mm_ok(m, weight):
-            return int_mm_matmul(x_int8, act_dequant, weight, out=out, out_dtype=out_dtype, int_only=int_only)
     n, kb = weight.packed.shape
     if config is None:
         group = bool(weight.group_size)

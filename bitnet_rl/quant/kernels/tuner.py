@@ -45,11 +45,7 @@ class KernelTuner:
         """Tune each of `weights` at `m` rows once (no-op when autotune is off or already tuned)."""
         if not self.autotune:
             return
-        from bitnet_rl.quant.kernels.triton_prefill import int_mm_ok
-
         for w in weights:
-            if int_mm_ok(m, w):  # served by cuBLAS int8, nothing to tune
-                continue
             if self.key(m, *w.packed.shape, bool(w.group_size)) not in self.configs:
                 self.tune(w, m)
 
