@@ -70,9 +70,10 @@ def test_frozen_kernels_match_reference_path_on_gpu():
     """The W2A8 kernel path against the torch reference path of the same frozen copy.
 
     One projection in float32: ≤ 1e-5 relative (exact int32 sums; only the scaling rounds
-    differently). Whole models: ≤ 2e-2 relative on the logits in float32 and bf16: a last-bit
-    difference can move a later int8 activation across a rounding boundary (measured 2.2e-3
-    in float32 on an H200).
+    differently). Whole models, relative on the logits: float32 ≤ 2e-2, bf16 ≤ 5e-2 (measured on
+    an H200: 2.2e-3 and 2.8e-2). A last-bit difference can move a later int8 activation across a
+    rounding boundary, and the bf16 reference path also rounds its fake-quantized activations
+    and weights to bf16, which the kernel path does not.
     """
     from bitnet_rl.models.frozen import set_kernels
     from bitnet_rl.quant.bitlinear import BitLinear
@@ -88,7 +89,7 @@ def test_frozen_kernels_match_reference_path_on_gpu():
     assert float((fast - ref).norm() / ref.norm()) <= 1e-5
 
     ids = torch.randint(3, 320, (4, 48), device="cuda", generator=torch.Generator(device="cuda").manual_seed(1))
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype, tol in ((torch.float32, 2e-2), (torch.bfloat16, 5e-2)):
         frozen = frozen_ternary_copy(_tiny_cuda_bitnet(dtype))
         with torch.no_grad():
             fast = frozen(ids).logits.float()
@@ -96,4 +97,4 @@ def test_frozen_kernels_match_reference_path_on_gpu():
             ref = frozen(ids).logits.float()
         assert frozen.kernel_tuner.configs  # tuned on the first kernel forward
         rel = float((fast - ref).norm() / ref.norm())
-        assert rel <= 2e-2, (dtype, rel)
+        assert rel <= tol, (dtype, rel)
