@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -135,6 +136,7 @@ def run(args: argparse.Namespace) -> dict:
     print(f"two iterations + final checkpoint (policy, critic, optimizers) {iteration_s:.0f} s")
     print(f"setup (build + save + load dirs) {setup_s:.0f} s; fits one 80 GB GPU: {'yes' if peak < 79 else 'no'} (peak {peak:.1f} GiB)")
     del trainer
+    shutil.rmtree(work, ignore_errors=True)  # ~30 GB of checkpoints
     return {**record, "iteration_s": sum(record[k] for k in phases), "peak_gib": peak}
 
 
