@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from bitnet_rl.quant.bitlinear import BitLinear, bitlinear_modules, quantize_activation
 from bitnet_rl.quant.kernels.backend import use_triton
-from bitnet_rl.quant.kernels.packed_weight import PackedWeight
+from bitnet_rl.quant.kernels.packed_weight import KERNEL_GROUP, PackedWeight
 from bitnet_rl.quant.kernels.tuner import KernelTuner
 
 
@@ -34,7 +34,7 @@ class PackedTernaryLinear(nn.Module):
 
     def __init__(self, bit: BitLinear, tuner: KernelTuner | None = None) -> None:
         super().__init__()
-        weight = PackedWeight.from_bitlinear(bit)
+        weight = PackedWeight.from_bitlinear(bit, for_kernels=False)
         self.in_features, self.out_features = bit.in_features, bit.out_features
         self.group_size = weight.group_size
         self.quantize_activations = bit.quantize_activations
@@ -42,7 +42,7 @@ class PackedTernaryLinear(nn.Module):
         self.register_buffer("dequant", weight.dequant)
         self.register_buffer("bias", weight.bias)
         self.compute_dtype = bit.weight.dtype
-        self.use_kernels = True
+        self.use_kernels = not (weight.group_size and weight.group_size % KERNEL_GROUP)  # else the torch path
         self.tuner = tuner
 
     def packed_weight(self) -> PackedWeight:
@@ -75,7 +75,7 @@ def packed_linears(model: nn.Module) -> list[PackedTernaryLinear]:
 def set_kernels(model: nn.Module, enabled: bool) -> None:
     """Run `model`'s packed projections on the W2A8 kernels (CUDA) or on the torch reference."""
     for module in packed_linears(model):
-        module.use_kernels = enabled
+        module.use_kernels = enabled and not (module.group_size and module.group_size % KERNEL_GROUP)
 
 
 @torch.no_grad()

@@ -98,3 +98,15 @@ def test_frozen_kernels_match_reference_path_on_gpu():
         assert frozen.kernel_tuner.configs  # tuned on the first kernel forward
         rel = float((fast - ref).norm() / ref.norm())
         assert rel <= tol, (dtype, rel)
+
+
+def test_frozen_copy_accepts_group_sizes_the_kernels_cannot_run():
+    """A per-group size that is not a multiple of 32 still freezes (torch path), as before the kernels."""
+    from bitnet_rl.quant.bitlinear import BitLinear
+
+    torch.manual_seed(0)
+    bit = BitLinear(96, 40, granularity="per_group", group_size=16)
+    packed = PackedTernaryLinear(bit)
+    assert not packed.use_kernels
+    x = torch.randn(2, 5, 96)
+    torch.testing.assert_close(packed(x), bit(x), rtol=1e-5, atol=1e-5)

@@ -18,6 +18,8 @@ import torch.nn as nn
 from bitnet_rl.errors import UserError
 from bitnet_rl.quant.pack import kernel_padded_in, pack_kernel, unpack_kernel
 
+KERNEL_GROUP = 32  # per-group sizes the CUDA W2A8 kernels accept are multiples of this
+
 
 @dataclass
 class PackedWeight:
@@ -110,20 +112,25 @@ class PackedWeight:
         return weight
 
     @classmethod
-    def from_bitlinear(cls, module: nn.Module) -> "PackedWeight":
+    def from_bitlinear(cls, module: nn.Module, *, for_kernels: bool = True) -> "PackedWeight":
         """Pack a `BitLinear`'s λ = 1 weight (per-tensor scales stay a single scalar)."""
-        return cls.fused([module], per_tensor=module.granularity == "per_tensor", device=module.weight.device, pack=True)
+        return cls.fused([module], per_tensor=module.granularity == "per_tensor", device=module.weight.device, pack=True, for_kernels=for_kernels)
 
     @classmethod
-    def fused(cls, modules: Sequence[nn.Module], *, device=None, per_tensor: bool = False, pack: bool = False) -> "PackedWeight":
-        """Buffers for the row-stacked BitLinear `modules` (fused q|k|v, gate|up); packed if `pack`."""
+    def fused(
+        cls, modules: Sequence[nn.Module], *, device=None, per_tensor: bool = False, pack: bool = False, for_kernels: bool = True
+    ) -> "PackedWeight":
+        """Buffers for the row-stacked BitLinear `modules` (fused q|k|v, gate|up); packed if `pack`.
+
+        `for_kernels` rejects per-group sizes the CUDA kernels cannot run (not a multiple of 32).
+        """
         in_features = modules[0].in_features
         groups = {m.group_size if m.granularity == "per_group" else 0 for m in modules}
         if len(groups) > 1 or any(m.in_features != in_features for m in modules):
             raise UserError("packing: fused projections (q/k/v, gate/up) must share in_features and quant.group_size")
         group = groups.pop()
         device = torch.device(device) if device is not None else modules[0].weight.device
-        if group and device.type == "cuda" and group % 32:
+        if for_kernels and group and device.type == "cuda" and group % KERNEL_GROUP:
             raise UserError(f"the W2A8 kernels on CUDA need quant.group_size divisible by 32, got {group}")
         weight = cls.empty(
             sum(m.out_features for m in modules), in_features, group_size=group,
