@@ -86,3 +86,48 @@ def copy_bandwidth(device="cuda") -> float:
     end.record()
     end.synchronize()
     return 2 * src.numel() * 2 * 10 / (start.elapsed_time(end) / 1e3)
+
+
+def set_bitlinear_fast_paths(model, enabled: bool) -> None:
+    """Switch `model`'s BitLinear training fast paths (Q(W) cache, Triton fake quant) on or off.
+
+    Off reproduces the BitLinear of before those levers: both quantizers in plain torch on
+    every forward. The Triton switch is per process (a benchmark-only patch of the dispatch).
+    """
+    import bitnet_rl.quant.kernels.train as train_kernels
+    from bitnet_rl.quant.bitlinear import bitlinear_modules, quantize_activation
+
+    for _, module in bitlinear_modules(model):
+        module.cache_quantized_weight = enabled
+        module._weight_cache = None
+    original = getattr(train_kernels, "_original_fake_quant", train_kernels.fake_quantize_activation)
+    train_kernels._original_fake_quant = original
+    train_kernels.fake_quantize_activation = original if enabled else (lambda x, **_: quantize_activation(x))
+
+
+def matmul_peak(device="cuda", n: int = 8192) -> float:
+    """FLOP/s of a bf16 `n³` matmul on random data (mean of 10 after 3 warm-ups)."""
+    a = torch.randn(n, n, dtype=torch.bfloat16, device=device)
+    b = torch.randn(n, n, dtype=torch.bfloat16, device=device)
+    for _ in range(3):
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        a @ b
+    end.record()
+    end.synchronize()
+    return 2 * n**3 * 10 / (start.elapsed_time(end) / 1e3)
+
+
+def bitnet_critic(layers: int = 30, dtype=torch.bfloat16, device="cuda", seed: int = 1):
+    """A random BitNet scalar-head model (critic / reward model) of the 2B4T shape, plain nn.Linear."""
+    from transformers import BitNetConfig
+
+    from bitnet_rl.models.value import BitNetForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = BitNetConfig(num_hidden_layers=layers, pad_token_id=0, bos_token_id=1, eos_token_id=2, num_labels=1, **SHAPE_2B4T)
+    with torch.device(device):
+        model = BitNetForSequenceClassification(config).to(dtype)
+    return model

@@ -118,10 +118,11 @@ def time_replays(graph, count: int = 20) -> float:
 
 def breakdown(gen, batches, position: int = 256) -> dict:
     """Per-op GPU time of one decode step, each op captured over all layers in one CUDA graph."""
-    from bitnet_rl.quant.kernels.triton_w2a8 import time_graph
+    from bitnet_rl.quant.kernels.tuner import time_graph
+    from bitnet_rl.rollout.forward import attention_kwargs, head
     from bitnet_rl.rollout.layers import decode_attention, linear, norm_quant
 
-    a, st, dt = gen.arch, gen.state, gen.dtype
+    a, st, dt, model, kernels = gen.arch, gen.state, gen.dtype, gen.model, gen.tuner.kernels
     table: dict = {}
     for b in batches:
         st.positions[:b] = min(position, gen.max_seq_len - 2)
@@ -136,7 +137,7 @@ def breakdown(gen, batches, position: int = 256) -> dict:
         h.normal_()
         xd, xa, xi = w.x_int8[:, : a.hidden], w.x_int8[:, : a.n_heads * a.head_dim], w.x_int8[:, : a.intermediate]
         quant = (w.act_dequant, w.act_sum)
-        attn_kw = dict(gen._attention_kwargs(), **gen._attention_tiles.get(b, {}))
+        attn_kw = dict(attention_kwargs(model), **gen.tuner.attention_tile(b))
         per_layer = {
             "norm+quant (residual, input/post norm) ×2": lambda L: [
                 norm_quant(w.y, xd, *quant, dtype=dt, residual=h, norm_weight=L.post_norm, eps=a.eps) for _ in range(2)
@@ -145,23 +146,23 @@ def breakdown(gen, batches, position: int = 256) -> dict:
             "gated act + norm + quant": lambda L: norm_quant(
                 w.gate_up, xi, *quant, dtype=dt, gated=True, act=a.act, norm_weight=L.ffn_sub_norm, eps=a.eps
             ),
-            "W2A8 qkv": lambda L: linear(xd, *quant, L.qkv, w.qkv),
-            "W2A8 o": lambda L: linear(xa, *quant, L.o, w.y),
-            "W2A8 gate|up": lambda L: linear(xd, *quant, L.gate_up, w.gate_up),
-            "W2A8 down": lambda L: linear(xi, *quant, L.down, w.y),
+            "W2A8 qkv": lambda L: linear(xd, *quant, L.qkv, w.qkv, kernels),
+            "W2A8 o": lambda L: linear(xa, *quant, L.o, w.y, kernels),
+            "W2A8 gate|up": lambda L: linear(xd, *quant, L.gate_up, w.gate_up, kernels),
+            "W2A8 down": lambda L: linear(xi, *quant, L.down, w.y, kernels),
         }
         row = {}
         for name, op in per_layer.items():
-            row[name] = 1e3 * time_graph(lambda: [op(L) for L in gen.layers]) / len(gen.layers)
+            row[name] = 1e3 * time_graph(lambda: [op(L) for L in model.layers]) / len(model.layers)
         row["attention"] = 1e3 * time_graph(
             lambda: [
-                decode_attention(w.qkv, gen.k_cache[i], gen.v_cache[i], st.slots[:b], st.positions[:b], gen.cos, gen.sin, w.attn, **attn_kw)
-                for i in range(len(gen.layers))
+                decode_attention(w.qkv, gen.k_cache[i], gen.v_cache[i], st.slots[:b], st.positions[:b], model.cos, model.sin, w.attn, **attn_kw)
+                for i in range(len(model.layers))
             ]
-        ) / len(gen.layers)
-        row["final norm + lm_head (once)"] = 1e3 * time_graph(lambda: gen._head(h))
+        ) / len(model.layers)
+        row["final norm + lm_head (once)"] = 1e3 * time_graph(lambda: head(model, h))
         row["whole decode step (graph)"] = 1e3 * time_replays(gen._graph(b))
-        row["attention tile"] = str(gen._attention_tiles.get(b))
+        row["attention tile"] = str(gen.tuner.attention_tile(b))
         table[b] = row
         print(f"breakdown batch {b}: {row}", flush=True)
     return table

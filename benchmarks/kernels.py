@@ -29,7 +29,7 @@ SHAPES = [
 
 
 def bench_dense(m: int, k: int, n: int) -> float:
-    from bitnet_rl.quant.kernels.triton_w2a8 import time_graph
+    from bitnet_rl.quant.kernels.tuner import time_graph
 
     x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
     copies = max(1, min(32, (512 << 20) // (2 * n * k)))
@@ -52,6 +52,7 @@ def main() -> None:
     from bitnet_rl.quant.bitlinear import ternary_codes
     from bitnet_rl.quant.kernels import PackedWeight
     from bitnet_rl.quant.kernels import triton_w2a8 as tw
+    from bitnet_rl.quant.kernels import tuner as tuning
 
     torch.manual_seed(0)
     bw = copy_bandwidth()
@@ -67,9 +68,9 @@ def main() -> None:
         weight = PackedWeight.from_codes(codes, scale)
         weight = PackedWeight(weight.packed, weight.dequant.expand(n).contiguous(), k, n)  # per-channel, as in the generator
         for m in rows:
-            results = tw.tune(weight, m, verbose=args.verbose)
+            results = tuning.time_candidates(weight, m, verbose=args.verbose)
             best_us, best = results[0]
-            copies = tw.rotating_copies(weight)
+            copies = tuning.rotating_copies(weight)
             x = torch.randint(-127, 128, (m, k), dtype=torch.int8, device="cuda")
             xdq, xsum = torch.rand(m, device="cuda"), x.sum(-1, dtype=torch.int32)
             out = torch.empty((m, n), device="cuda")
@@ -79,10 +80,9 @@ def main() -> None:
                     for w in copies:
                         tw.launch(x, xdq, xsum, w, out, config, use_asm=use_asm)
 
-                return tw.time_graph(run) / len(copies) * 1e3
+                return tuning.time_graph(run) / len(copies) * 1e3
 
             no_asm_us = timed(best, use_asm=False)
-            tw._TUNED.clear()
             heuristic_us = timed(tw.select_config(m, n, weight.packed.shape[1], False, x.device))
             dense_us = bench_dense(m, k, n)
             moved = weight.packed.numel() + 4 * n + m * k + 4 * m * n

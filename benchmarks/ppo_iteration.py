@@ -6,6 +6,10 @@ packed), all 30 layers, random weights, a word-level tokenizer with the 2B4T voc
 built locally. Rollouts come from the PackedGenerator.
 
     python benchmarks/ppo_iteration.py --layers 30 --prompts 64 --prompt-len 128 --new-tokens 128
+    python benchmarks/ppo_iteration.py --advantage grpo --samples 4 --prompts 16 ...   (GRPO: no critic)
+
+`--prompts` counts distinct prompts; each is sampled `--samples` times (64 sequences either way
+in the issue's setting: 64 × 1 for PPO, 16 × 4 for GRPO).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -35,7 +40,7 @@ def word_tokenizer(vocab_size: int):
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
 
 
-def main() -> None:
+def parse(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--prompts", type=int, default=64)
@@ -43,8 +48,14 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--minibatch", type=int, default=16)
     parser.add_argument("--micro", type=int, default=4)
-    args = parser.parse_args()
+    parser.add_argument("--advantage", default="gae", choices=["gae", "grpo"])
+    parser.add_argument("--samples", type=int, default=1, help="samples per prompt (GRPO needs >= 2)")
+    parser.add_argument("--no-checkpointing", action="store_true")
+    return parser.parse_args(argv)
 
+
+def run(args: argparse.Namespace) -> dict:
+    """Build, run two iterations, print the tables; returns the second iteration's metrics record."""
     from bitnet_rl.models.convert import to_bitlinear
     from bitnet_rl.models.io import save_checkpoint
     from bitnet_rl.models.value import load_scalar_model
@@ -78,13 +89,14 @@ def main() -> None:
                 "prompts": str(work / "prompts.jsonl"),
                 "iterations": 2,
                 "prompts_per_iteration": args.prompts,
-                "advantage": "gae",
-                "critic": "policy",
+                "advantage": args.advantage,
+                "samples_per_prompt": args.samples,
+                **({"critic": "policy"} if args.advantage == "gae" else {}),
                 "epochs": 1,
                 "minibatch_size": args.minibatch,
                 "micro_batch_size": args.micro,
             },
-            "train": {"gradient_checkpointing": True},
+            "train": {"gradient_checkpointing": not args.no_checkpointing},
             "optimizer": {"lr": 1e-6},
             "logging": {"progress": False, "health_every": 0},
         },
@@ -97,7 +109,7 @@ def main() -> None:
     loaded = now_gib() - base
     parts = {
         "policy (bf16 master)": sum(p.numel() * p.element_size() for p in trainer.policy.parameters()),
-        "critic (bf16 master)": sum(p.numel() * p.element_size() for p in trainer.critic.parameters()),
+        "critic (bf16 master)": sum(p.numel() * p.element_size() for p in trainer.critic.parameters()) if trainer.critic is not None else 0,
         "reference (2-bit ternary)": sum(t.numel() * t.element_size() for t in list(trainer.reference.parameters()) + list(trainer.reference.buffers())),
         "reward model (2-bit ternary)": sum(t.numel() * t.element_size() for t in list(trainer.reward.model.parameters()) + list(trainer.reward.model.buffers())),
     }
@@ -108,7 +120,8 @@ def main() -> None:
     rows = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
     record = rows[-1]
     print(f"\n{device_name()}: 2B4T shape, {args.layers} layers; {args.prompts} prompts x {args.prompt_len} tokens, {args.new_tokens} new tokens, "
-          f"PPO epochs 1, minibatch {args.minibatch} (micro {args.micro}), gradient checkpointing, AdamW on bf16 params")
+          f"{args.advantage} x {args.samples} samples, "
+          f"PPO epochs 1, minibatch {args.minibatch} (micro {args.micro}), gradient checkpointing {not args.no_checkpointing}, AdamW on bf16 params")
     mem_rows = [[name, size / 2**30] for name, size in parts.items()]
     mem_rows.append(["all models + generator after setup", loaded])
     mem_rows.append(["peak during the iteration (incl. optimizer states, KV cache, activations)", peak])
@@ -122,6 +135,13 @@ def main() -> None:
     print(table(["phase", "iteration 1 s (incl. kernel tuning + graph capture)", "iteration 2 s"], split))
     print(f"two iterations + final checkpoint (policy, critic, optimizers) {iteration_s:.0f} s")
     print(f"setup (build + save + load dirs) {setup_s:.0f} s; fits one 80 GB GPU: {'yes' if peak < 79 else 'no'} (peak {peak:.1f} GiB)")
+    del trainer
+    shutil.rmtree(work, ignore_errors=True)  # ~30 GB of checkpoints
+    return {**record, "iteration_s": sum(record[k] for k in phases), "peak_gib": peak}
+
+
+def main() -> None:
+    run(parse())
 
 
 if __name__ == "__main__":

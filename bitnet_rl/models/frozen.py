@@ -1,9 +1,18 @@
 """Frozen ternary copies: the reference policy (DPO, PPO) and frozen reward models, at 2 bits a weight.
 
 A frozen model never needs master weights: each BitLinear becomes a `PackedTernaryLinear`
-holding 2-bit codes (transformers' packed layout) and its scales, and computes what the
-BitLinear computed at λ = 1. Embeddings, norms and heads stay as they were. For the 2B4T
-shape this keeps the reference at ~0.5 GB of projections instead of a second 4.8 GB bf16 copy.
+holding its λ = 1 codes in the W2A8 kernel layout (`quant.kernels.PackedWeight`, the same
+packing path as the rollout generator) and computes what the BitLinear computed at λ = 1.
+Embeddings, norms and heads stay as they were. For the 2B4T shape this keeps the reference at
+~0.5 GB of projections instead of a second 4.8 GB bf16 copy.
+
+On CUDA with Triton the projections run on the W2A8 tensor-core GEMM (per-token int8
+activations × 2-bit codes, exact int32 sums, scales at the end): the prefill path of the
+generator, so scoring and reference log-probs cost int8 matmuls instead of unpacking and
+dequantizing every weight per forward. Elsewhere (and with `use_kernels=False`) the plain
+torch reference runs: fake-quantized activations times the dequantized weight. The two
+agree up to the rounding of the activation dtype (the kernel path skips the bf16 rounding of
+the fake-quantized activations and weights, so it is the closer of the two to float32).
 """
 
 from __future__ import annotations
@@ -14,45 +23,72 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bitnet_rl.quant.bitlinear import BitLinear, bitlinear_modules, dequantize_codes, quantize_activation
-from bitnet_rl.quant.pack import pack_hf, unpack_hf
+from bitnet_rl.quant.bitlinear import BitLinear, bitlinear_modules, quantize_activation
+from bitnet_rl.quant.kernels.backend import use_triton
+from bitnet_rl.quant.kernels.packed_weight import KERNEL_GROUP, PackedWeight
+from bitnet_rl.quant.kernels.tuner import KernelTuner
 
 
 class PackedTernaryLinear(nn.Module):
-    """A frozen BitLinear at λ = 1: packed 2-bit codes + float32 inverse scales; unpacks per forward."""
+    """A frozen BitLinear at λ = 1: 2-bit codes (kernel layout) + float32 dequantization scales."""
 
-    def __init__(self, bit: BitLinear) -> None:
+    def __init__(self, bit: BitLinear, tuner: KernelTuner | None = None) -> None:
         super().__init__()
-        codes, scale = bit.ternary_codes()
+        weight = PackedWeight.from_bitlinear(bit, for_kernels=False)
         self.in_features, self.out_features = bit.in_features, bit.out_features
-        self.group_size = bit.group_size
+        self.group_size = weight.group_size
         self.quantize_activations = bit.quantize_activations
-        self.register_buffer("packed", pack_hf(codes))
-        self.register_buffer("inv_scale", scale.float())
-        self.register_buffer("bias", None if bit.bias is None else bit.bias.detach().clone())
+        self.register_buffer("packed", weight.packed)
+        self.register_buffer("dequant", weight.dequant)
+        self.register_buffer("bias", weight.bias)
         self.compute_dtype = bit.weight.dtype
+        self.use_kernels = not (weight.group_size and weight.group_size % KERNEL_GROUP)  # else the torch path
+        self.tuner = tuner
+
+    def packed_weight(self) -> PackedWeight:
+        return PackedWeight(self.packed, self.dequant, self.in_features, self.out_features, self.group_size, self.bias)
 
     def weight(self) -> torch.Tensor:
-        codes = unpack_hf(self.packed, self.out_features, dtype=torch.float32)
-        return dequantize_codes(codes, self.inv_scale, self.group_size).to(self.compute_dtype)
+        """The dequantized weight `(N, K)` in the compute dtype (the reference path)."""
+        return self.packed_weight().dense().to(self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quantize_activations and use_triton(x, self.use_kernels):
+            from bitnet_rl.quant.kernels.w2a8 import w2a8_linear
+
+            if self.tuner is not None:
+                self.tuner.ensure([self.packed_weight()], x.numel() // x.shape[-1])
+            return w2a8_linear(x, self.packed_weight(), tuner=self.tuner)
         if self.quantize_activations:
             x = quantize_activation(x)
-        return F.linear(x, self.weight(), self.bias)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.weight().to(x.dtype), bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, packed=2-bit"
 
 
+def packed_linears(model: nn.Module) -> list[PackedTernaryLinear]:
+    return [m for m in model.modules() if isinstance(m, PackedTernaryLinear)]
+
+
+def set_kernels(model: nn.Module, enabled: bool) -> None:
+    """Run `model`'s packed projections on the W2A8 kernels (CUDA) or on the torch reference."""
+    for module in packed_linears(model):
+        module.use_kernels = enabled and not (module.group_size and module.group_size % KERNEL_GROUP)
+
+
 @torch.no_grad()
-def frozen_ternary_copy(model: nn.Module) -> nn.Module:
+def frozen_ternary_copy(model: nn.Module, *, autotune: bool = True) -> nn.Module:
     """A frozen, eval-mode copy of `model` with every BitLinear replaced by a `PackedTernaryLinear`.
 
     The BitLinear modules are swapped out while the rest is deep-copied, so no second set of
-    master weights is ever materialized.
+    master weights is ever materialized. All projections share one `KernelTuner` (owned by the
+    copy, reached as `frozen.kernel_tuner`): with `autotune`, the first CUDA forward at a new
+    row count times the W2A8 tiles for each projection shape once.
     """
-    packed = {name: PackedTernaryLinear(module) for name, module in bitlinear_modules(model)}
+    tuner = KernelTuner(autotune=autotune)
+    packed = {name: PackedTernaryLinear(module, tuner) for name, module in bitlinear_modules(model)}
     originals = {name: model.get_submodule(name) for name in packed}
     for name in packed:
         model.set_submodule(name, nn.Identity())
@@ -64,4 +100,5 @@ def frozen_ternary_copy(model: nn.Module) -> nn.Module:
     for name, module in packed.items():
         frozen.set_submodule(name, module)
     frozen.requires_grad_(False)
+    frozen.kernel_tuner = tuner
     return frozen.eval()

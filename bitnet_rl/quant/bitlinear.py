@@ -134,6 +134,9 @@ class BitLinear(nn.Linear):
         self.group_size = group_size
         self.quantize_activations = quantize_activations
         self.lam = check_lambda(lam)
+        # Q(W) once per weight update, not per forward (see quant/kernels/train.py); False to recompute.
+        self.cache_quantized_weight = True
+        self._weight_cache = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, **kwargs) -> "BitLinear":
@@ -149,17 +152,31 @@ class BitLinear(nn.Linear):
         """The int8 codes and float32 inverse scale this layer computes with at λ = 1."""
         return ternary_codes(self.weight, self.granularity, self.group_size)
 
+    def quantized_weight(self) -> torch.Tensor:
+        """`Q(W)` (no gradient), in the autocast dtype under autocast; cached until the weight changes."""
+        from bitnet_rl.quant.kernels.train import QuantizedWeightCache, _autocast_dtype
+
+        def compute(w: torch.Tensor) -> torch.Tensor:
+            return quantize_weight(w, self.granularity, self.group_size)
+
+        if not self.cache_quantized_weight or torch.compiler.is_compiling():
+            return compute(self.weight)
+        if self._weight_cache is None:
+            self._weight_cache = QuantizedWeightCache()
+        return self._weight_cache.get(self.weight, compute, dtype=_autocast_dtype(self.weight))
+
     def effective_weight(self) -> torch.Tensor:
         if self.lam == 0.0:
             return self.weight
-        q = quantize_weight(self.weight, self.granularity, self.group_size)
-        return ste_blend(self.weight, q, self.lam)
+        return ste_blend(self.weight, self.quantized_weight(), self.lam)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.lam == 0.0:
             return F.linear(x, self.weight, self.bias)
         if self.quantize_activations:
-            x = ste_blend(x, quantize_activation(x), self.lam)
+            from bitnet_rl.quant.kernels.train import fake_quantize_activation
+
+            x = ste_blend(x, fake_quantize_activation(x), self.lam)
         return F.linear(x, self.effective_weight(), self.bias)
 
     def extra_repr(self) -> str:

@@ -10,13 +10,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from bitnet_rl.quant.kernels.w2a8 import PackedWeight, quantize_rows_ref, triton_available, w2a8_matmul
+from bitnet_rl.quant.kernels.backend import use_triton
+from bitnet_rl.quant.kernels.w2a8 import PackedWeight, quantize_rows_ref, w2a8_matmul
 
 ACT_FNS = {"relu2": lambda x: F.relu(x).square(), "silu": F.silu}
-
-
-def _triton(t: torch.Tensor) -> bool:
-    return t.is_cuda and triton_available()
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -43,13 +40,15 @@ def norm_quant(
     eps: float = 1e-6,
     gated: bool = False,
     act: str = "relu2",
+    triton: bool = True,
 ) -> None:
     """`[act(gate)·up] → [residual += ·] → [RMSNorm] → int8` for each row of `inp`.
 
     `inp` may be float32 (matmul outputs); it is first rounded to the activation `dtype`.
-    With `residual`, the sum is written back into it and normalized.
+    With `residual`, the sum is written back into it and normalized. `triton=False` forces the
+    torch reference on CUDA (for tests comparing the two).
     """
-    if _triton(inp):
+    if use_triton(inp, triton):
         from bitnet_rl.quant.kernels import triton_layers
 
         triton_layers.norm_quant(
@@ -72,9 +71,11 @@ def norm_quant(
     act_sum.copy_(s)
 
 
-def linear(x_int8: torch.Tensor, act_dequant: torch.Tensor, act_sum: torch.Tensor, weight: PackedWeight, out: torch.Tensor) -> None:
-    """`out = W2A8(x_int8, weight)` (float32 `out`, scales and bias applied)."""
-    w2a8_matmul(x_int8, act_dequant, act_sum, weight, out=out)
+def linear(
+    x_int8: torch.Tensor, act_dequant: torch.Tensor, act_sum: torch.Tensor, weight: PackedWeight, out: torch.Tensor, tuner=None
+) -> None:
+    """`out = W2A8(x_int8, weight)` (float32 `out`, scales and bias applied); tiles from `tuner`."""
+    w2a8_matmul(x_int8, act_dequant, act_sum, weight, out=out, tuner=tuner)
 
 
 def decode_attention(
@@ -95,6 +96,7 @@ def decode_attention(
     block_n: int = 64,
     num_warps: int = 4,
     num_stages: int = 3,
+    triton: bool = True,
 ) -> None:
     """Attention for one new token per row at its own position `positions[i]` (ragged rows).
 
@@ -102,7 +104,7 @@ def decode_attention(
     applied to q and k, the new k/v are written at `positions[i]`, and row i attends to cache
     positions `0 … positions[i]`. `block_n` / `num_warps` / `num_stages` tile the Triton kernel.
     """
-    if _triton(qkv):
+    if use_triton(qkv, triton):
         from bitnet_rl.quant.kernels import triton_layers
 
         triton_layers.decode_attention(

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from bitnet_rl.data.batching import right_pad
+from bitnet_rl.models.forward import causal_lm_logprobs
 from bitnet_rl.models.value import token_values
 from bitnet_rl.rl.losses import entropy_from_logits, logprobs_from_logits
 
@@ -66,9 +67,12 @@ def completion_columns(per_position: torch.Tensor, prompt_lens: torch.Tensor, wi
 
 def policy_forward(model: nn.Module, exp: Experience, with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Completion log-probs `(B, T)` (and entropies) under `model`, with gradients if enabled."""
+    width = exp.mask.shape[1]
+    if hasattr(model, "base_model") and model.get_output_embeddings() is not None:  # no (B, T, V) logits (issue 13)
+        logprobs, entropy = causal_lm_logprobs(model, exp.input_ids, exp.attention_mask, with_entropy=with_entropy)
+        return completion_columns(logprobs, exp.prompt_lens, width), None if entropy is None else completion_columns(entropy, exp.prompt_lens, width)
     logits = model(input_ids=exp.input_ids, attention_mask=exp.attention_mask).logits[:, :-1]
     logprobs = logprobs_from_logits(logits, exp.input_ids[:, 1:])
-    width = exp.mask.shape[1]
     entropy = completion_columns(entropy_from_logits(logits), exp.prompt_lens, width) if with_entropy else None
     return completion_columns(logprobs, exp.prompt_lens, width), entropy
 

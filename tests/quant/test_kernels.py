@@ -113,16 +113,14 @@ def test_norm_quant_matches_torch():
         w = torch.rand(inter, device="cuda", dtype=dtype) + 0.5
         outs = []
         for use_triton in (True, False):
-            layers._triton = (lambda t: True) if use_triton else (lambda t: False)
             q = torch.empty(7, inter, dtype=torch.int8, device="cuda")
             dq = torch.empty(7, device="cuda")
             s = torch.empty(7, dtype=torch.int32, device="cuda")
-            layers.norm_quant(inp, q, dq, s, gated=True, act="relu2", norm_weight=w, **kw)
+            layers.norm_quant(inp, q, dq, s, gated=True, act="relu2", norm_weight=w, triton=use_triton, **kw)
             r = res.clone()
             q2 = torch.empty(7, d, dtype=torch.int8, device="cuda")
-            layers.norm_quant(inp[:, :d], q2, dq.clone(), s.clone(), residual=r, norm_weight=w[:d], **kw)
+            layers.norm_quant(inp[:, :d], q2, dq.clone(), s.clone(), residual=r, norm_weight=w[:d], triton=use_triton, **kw)
             outs.append((q, dq, r, q2))
-        layers._triton = lambda t: t.is_cuda and triton_available()
         (qa, dqa, ra, q2a), (qb, dqb, rb, q2b) = outs
         assert (qa.int() - qb.int()).abs().max() <= 1 and (q2a.int() - q2b.int()).abs().max() <= 1
         torch.testing.assert_close(dqa, dqb, rtol=1e-5, atol=0)
@@ -182,3 +180,26 @@ def test_generator_gpu_bf16_graphs_match_eager():
     with torch.no_grad():
         expected = model(torch.tensor([prompts[0]], device="cuda")).logits.float()
     torch.testing.assert_close(graphs.logits([prompts[0]]), expected, rtol=0.05, atol=0.05)
+
+
+def test_generator_token_logprobs_gpu_equal_cpu_reference():
+    """The old-policy / frozen pass on the W2A8 prefill path against the CPU torch reference (float32: 1e-4)."""
+    from bitnet_rl.rollout import PackedGenerator
+
+    model = tiny_bitnet()
+    ids = torch.randint(3, 64, (6, 20), generator=torch.Generator().manual_seed(4))
+    cpu = PackedGenerator.from_model(model, max_batch_size=4, max_seq_len=64)
+    gpu = PackedGenerator.from_model(model, max_batch_size=4, max_seq_len=64, device="cuda", dtype=torch.float32)
+    torch.testing.assert_close(gpu.token_logprobs(ids).cpu(), cpu.token_logprobs(ids), rtol=1e-4, atol=1e-4)
+
+
+def test_generator_token_logprobs_gpu_equal_cpu_reference():
+    """The old-policy / frozen pass on the W2A8 prefill path against the CPU torch reference (float32: 1e-4)."""
+    from bitnet_rl.rollout import PackedGenerator
+
+    model = tiny_bitnet()
+    ids = torch.randint(3, 64, (6, 20), generator=torch.Generator().manual_seed(4))
+    cpu = PackedGenerator.from_model(model, max_batch_size=4, max_seq_len=64)
+    gpu = PackedGenerator.from_model(model, max_batch_size=4, max_seq_len=64, device="cuda", dtype=torch.float32)
+    torch.testing.assert_close(gpu.token_logprobs(ids).cpu(), cpu.token_logprobs(ids), rtol=1e-4, atol=1e-4)
+

@@ -187,3 +187,15 @@ def test_make_generator_and_errors(bitnet):
     gen = PackedGenerator.from_model(bitnet, max_batch_size=2, max_seq_len=16)
     with pytest.raises(UserError, match="max_seq_len"):
         gen.generate([[5] * 10], max_new_tokens=10)
+
+
+def test_token_logprobs_match_policy(bitnet):
+    """The packed prefill + chunked head equals log-softmax of the policy's logits (ragged, right-padded)."""
+    gen = PackedGenerator.from_model(bitnet, max_batch_size=2, max_seq_len=32, prefill_tokens=24)
+    ids = torch.randint(3, 64, (5, 12), generator=torch.Generator().manual_seed(2))
+    got = gen.token_logprobs(ids, chunk_rows=7)
+    with torch.no_grad():
+        logits = bitnet(ids).logits[:, :-1]
+    expected = logits.log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    assert got.shape == (5, 11)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)

@@ -1,7 +1,8 @@
 """Triton W2A8 kernels: int8 activations × 2-bit ternary weights (kernel layout of `quant/pack.py`).
 
 `_w2a8_kernel` (tensor cores) serves skinny GEMMs (decode batches > 4) and prefill GEMMs; only
-the tile shape changes. `_w2a8_gemv_kernel` (CUDA cores, dp4a) is the candidate for M ≤ 4.
+the tile shape changes. (Unpacking the codes per call and running cuBLAS's int8 GEMM instead
+was tried for prefill and was 10–30% slower end to end on an H200; see the issue 13 note.) `_w2a8_gemv_kernel` (CUDA cores, dp4a) is the candidate for M ≤ 4.
 `tune` times both kinds and keeps the faster per shape (measured on an H100: the dp4a GEMV wins
 for most batch-1 shapes, the tensor-core kernel for the fused gate|up).
 
@@ -15,7 +16,8 @@ activation sum at the end (per plane for per-group scales), so unpacking is shif
 On NVIDIA GPUs that is one PTX `shr` + `and` per four codes (inline assembly on packed bytes).
 
 Split-K (grid axis 2) adds float32 partials with atomics into a zeroed output.
-Configurations come from `select_config` (a heuristic) or `tune` (timed once per shape).
+Configurations come from `select_config` (a heuristic) or from a `KernelTuner` (`tuner.py`),
+which times `candidates` once per shape and remembers the fastest: this module holds no state.
 """
 
 from __future__ import annotations
@@ -258,10 +260,7 @@ def _block_kbs(kb: int, group: bool, options=(128, 64, 32)) -> list[int]:
 
 
 def select_config(m: int, n: int, kb: int, group: bool, device: torch.device) -> Config:
-    """Heuristic tile for `(M, N)` outputs over `kb` packed bytes per row (the tuned one if any)."""
-    tuned = _TUNED.get((m_class(m), n, kb, group))
-    if tuned is not None:
-        return tuned
+    """Heuristic tile for `(M, N)` outputs over `kb` packed bytes per row."""
     mc = m_class(m)
     if mc == DP4A_MAX_M and not group:
         return Config(16, 1, 64, 1, 4, 3, kind="dp4a")
@@ -314,10 +313,6 @@ def candidates(m: int, n: int, kb: int, group: bool) -> list[Config]:
     return out
 
 
-_TUNED: dict[tuple[int, int, int, bool], Config] = {}
-_ASM_STATE = {"ok": True}
-
-
 def launch(
     x_int8: torch.Tensor,
     act_dequant: torch.Tensor,
@@ -328,8 +323,13 @@ def launch(
     *,
     int_only: bool = False,
     use_asm: bool | None = None,
+    tuner=None,
 ) -> torch.Tensor:
-    """Run the kernel with `config` into `out` `(M, N)` (zeroed here first when split-K)."""
+    """Run the kernel with `config` into `out` `(M, N)` (zeroed here first when split-K).
+
+    Inline-PTX unpacking is used unless `use_asm=False` or `tuner.use_asm` is off; if this Triton
+    cannot build it, the kernel falls back to plain shifts and switches `tuner.use_asm` off.
+    """
     m = x_int8.shape[0]
     n, kb = weight.packed.shape
     mode = weight.dequant.dim()
@@ -347,7 +347,7 @@ def launch(
     grid = (triton.cdiv(n, config.block_n), triton.cdiv(m, config.block_m), config.split_k)
     bias = weight.bias if weight.bias is not None else act_dequant
     if use_asm is None:
-        use_asm = _ASM_STATE["ok"] and x_int8.is_cuda and not INTERPRET
+        use_asm = (tuner is None or tuner.use_asm) and x_int8.is_cuda and not INTERPRET
     args = (
         x_int8, act_dequant, act_sum,
         weight.packed, weight.dequant, bias,
@@ -376,7 +376,8 @@ def launch(
         # Inline PTX this Triton cannot build: fall back to plain shifts (if those work).
         _w2a8_kernel[grid](*args, USE_ASM=False, **meta)
         warnings.warn(f"w2a8: inline-asm unpack failed ({type(err).__name__}: {err}); using plain shifts")
-        _ASM_STATE["ok"] = False
+        if tuner is not None:
+            tuner.use_asm = False
     return out
 
 
@@ -429,6 +430,7 @@ def w2a8_matmul(
     out_dtype: torch.dtype = torch.float32,
     int_only: bool = False,
     config: Config | None = None,
+    tuner=None,
 ) -> torch.Tensor:
     """`(M, N)` W2A8 product (see `w2a8.w2a8_matmul`). `int_only` needs per-tensor/channel scales."""
     if int_only and weight.group_size:
@@ -436,69 +438,11 @@ def w2a8_matmul(
     m = x_int8.shape[0]
     n, kb = weight.packed.shape
     if config is None:
-        config = select_config(m, n, kb, bool(weight.group_size), x_int8.device)
+        group = bool(weight.group_size)
+        config = tuner.config(m, n, kb, group, x_int8.device) if tuner is not None else select_config(m, n, kb, group, x_int8.device)
     if out is None:
         dtype = torch.int32 if int_only else (torch.float32 if config.split_k > 1 else out_dtype)
         out = torch.empty((m, n), dtype=dtype, device=x_int8.device)
-        launch(x_int8, act_dequant, act_sum, weight, out, config, int_only=int_only)
+        launch(x_int8, act_dequant, act_sum, weight, out, config, int_only=int_only, tuner=tuner)
         return out if out.dtype == (torch.int32 if int_only else out_dtype) else out.to(out_dtype)
-    return launch(x_int8, act_dequant, act_sum, weight, out, config, int_only=int_only)
-
-
-def time_graph(fn, replays: int = 10) -> float:
-    """Milliseconds per call of `fn`, timed as CUDA-graph replays (no launch overhead in the number)."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / replays
-
-
-def rotating_copies(weight, budget_bytes: int = 256 << 20, cap: int = 64) -> list:
-    """Copies of `weight` whose total exceeds the L2 cache, so timing sees memory, not cache."""
-    from bitnet_rl.quant.kernels.w2a8 import PackedWeight
-
-    size = weight.packed.numel() + 4 * weight.dequant.numel()
-    count = max(1, min(cap, budget_bytes // max(size, 1)))
-    return [
-        PackedWeight(weight.packed.clone(), weight.dequant.clone(), weight.in_features, weight.out_features, weight.group_size, weight.bias)
-        for _ in range(count)
-    ]
-
-
-def tune(weight, m: int, *, verbose: bool = False, use_asm: bool | None = None) -> list[tuple[float, Config]]:
-    """Time every candidate for `weight` at `m` rows (CUDA graphs, weights rotated past L2);
-    remember the fastest for `select_config`. Returns `(µs per call, config)`, fastest first."""
-    n, kb = weight.packed.shape
-    group = bool(weight.group_size)
-    device = weight.packed.device
-    x = torch.randint(-127, 128, (m, weight.in_features), dtype=torch.int8, device=device)
-    xdq = torch.rand(m, device=device) * 1e-2
-    xsum = x.sum(-1, dtype=torch.int32)
-    out = torch.empty((m, n), dtype=torch.float32, device=device)
-    weights = rotating_copies(weight)
-    results = []
-    for config in candidates(m, n, kb, group):
-        def run(c=config):
-            for w in weights:
-                launch(x, xdq, xsum, w, out, c, use_asm=use_asm)
-
-        try:
-            ms = time_graph(run) / len(weights)
-        except Exception as err:  # a tile that does not compile or fit is skipped
-            if verbose:
-                print(f"skip {config}: {type(err).__name__}: {err}")
-            continue
-        results.append((ms * 1e3, config))
-    results.sort(key=lambda r: r[0])
-    if results:
-        _TUNED[(m_class(m), n, kb, group)] = results[0][1]
-    return results
+    return launch(x_int8, act_dequant, act_sum, weight, out, config, int_only=int_only, tuner=tuner)

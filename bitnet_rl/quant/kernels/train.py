@@ -1,0 +1,59 @@
+"""Fast paths for BitLinear training, with the torch reference everywhere else.
+
+- `fake_quantize_activation(x)`: `quant.bitlinear.quantize_activation` as one Triton kernel on
+  CUDA (bit-identical), written in the autocast dtype when autocast is on.
+- `QuantizedWeightCache`: the ternary fake-quantized weight computed once per weight update
+  instead of once per forward (micro-batches and activation-checkpoint recomputes reuse it).
+  Validity is keyed on the parameter's storage and autograd version counter, which every
+  in-place update through autograd-visible ops bumps (optimizer steps, `copy_` under
+  `no_grad`, `load_state_dict`); writes through `.data` do not, so code that does those must
+  call `clear()`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from bitnet_rl.quant.kernels.backend import use_triton
+
+
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    device = x.device.type
+    if device in ("cuda", "cpu") and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return None
+
+
+def fake_quantize_activation(x: torch.Tensor, *, triton: bool = True) -> torch.Tensor:
+    """Per-token absmax int8 fake quantization (no gradient; wrap in the STE)."""
+    from bitnet_rl.quant.bitlinear import quantize_activation
+
+    if torch.compiler.is_compiling():  # inside torch.compile the torch version is traced and fused
+        return quantize_activation(x)
+    if use_triton(x, triton) and x.dtype in (torch.float32, torch.bfloat16, torch.float16):
+        from bitnet_rl.quant.kernels.triton_train import fake_quant_rows
+
+        return fake_quant_rows(x.detach(), _autocast_dtype(x) or x.dtype)
+    return quantize_activation(x)
+
+
+@dataclass
+class QuantizedWeightCache:
+    """The last fake-quantized weight of one BitLinear and the key it was computed for."""
+
+    key: tuple | None = None
+    value: torch.Tensor | None = None
+
+    def get(self, weight: torch.Tensor, compute, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """`compute(weight)` cast to `dtype`, recomputed only when `weight` changed since the last call."""
+        key = (weight.data_ptr(), weight._version, weight.dtype, dtype, weight.device)
+        if self.key != key:
+            value = compute(weight)
+            self.value = value if dtype is None else value.to(dtype)
+            self.key = key
+        return self.value
+
+    def clear(self) -> None:
+        self.key, self.value = None, None

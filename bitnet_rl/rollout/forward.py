@@ -1,0 +1,177 @@
+"""The packed forward pass: decoder layers on W2A8 kernels, prefill and one decode step.
+
+Pure functions over a `PackedModel` (weights), a `Work` (per-row scratch) and the KV cache;
+the generator owns all three. Every op writes into preallocated outputs (`rollout/layers.py`),
+so the decode step is graph-safe; prefill runs the same layers on right-padded prompts, which
+keeps every real token at its true position.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from bitnet_rl.rollout.arch import Arch
+from bitnet_rl.rollout.layers import decode_attention, linear, norm_quant, prefill_attention, rms_norm
+from bitnet_rl.rollout.weights import PackedModel
+
+
+@dataclass
+class Work:
+    """Per-row scratch of one forward pass (decode: views of static buffers)."""
+
+    x_int8: torch.Tensor  # (M, max(D, I, H·hd)) int8
+    act_dequant: torch.Tensor  # (M,) float32
+    act_sum: torch.Tensor  # (M,) int32
+    qkv: torch.Tensor  # (M, (H + 2·Hkv)·hd) float32
+    attn: torch.Tensor  # (M, H·hd) dtype
+    y: torch.Tensor  # (M, D) float32
+    gate_up: torch.Tensor  # (M, 2·I) float32
+
+    @classmethod
+    def empty(cls, rows: int, arch: Arch, dtype: torch.dtype, device: torch.device) -> "Work":
+        width = max(arch.hidden, arch.intermediate, arch.attn_width)
+        f32 = dict(dtype=torch.float32, device=device)
+        return cls(
+            x_int8=torch.zeros((rows, width), dtype=torch.int8, device=device),
+            act_dequant=torch.zeros(rows, **f32),
+            act_sum=torch.zeros(rows, dtype=torch.int32, device=device),
+            qkv=torch.zeros((rows, arch.qkv_width), **f32),
+            attn=torch.zeros((rows, arch.attn_width), dtype=dtype, device=device),
+            y=torch.zeros((rows, arch.hidden), **f32),
+            gate_up=torch.zeros((rows, 2 * arch.intermediate), **f32),
+        )
+
+    def rows(self, b: int) -> "Work":
+        return Work(*(t[:b] for t in (self.x_int8, self.act_dequant, self.act_sum, self.qkv, self.attn, self.y, self.gate_up)))
+
+
+@dataclass
+class DecodeState:
+    """Static per-row decode inputs (row i of the running bucket)."""
+
+    tokens: torch.Tensor  # (B_max,) long, the token fed at this step
+    positions: torch.Tensor  # (B_max,) int32, its position
+    slots: torch.Tensor  # (B_max,) int32, its KV-cache slot
+    origin: torch.Tensor  # (B_max,) long, its row in the output (B = dummy)
+    active: torch.Tensor  # (B_max,) bool
+    hidden: torch.Tensor  # (B_max, D) dtype, residual stream
+    logits: torch.Tensor  # (B_max, V) float32
+
+    @classmethod
+    def empty(cls, rows: int, arch: Arch, dtype: torch.dtype, device: torch.device) -> "DecodeState":
+        return cls(
+            tokens=torch.zeros(rows, dtype=torch.long, device=device),
+            positions=torch.zeros(rows, dtype=torch.int32, device=device),
+            slots=torch.arange(rows, dtype=torch.int32, device=device),
+            origin=torch.zeros(rows, dtype=torch.long, device=device),
+            active=torch.zeros(rows, dtype=torch.bool, device=device),
+            hidden=torch.zeros((rows, arch.hidden), dtype=dtype, device=device),
+            logits=torch.zeros((rows, arch.vocab), dtype=torch.float32, device=device),
+        )
+
+
+Attend = Callable[[int, torch.Tensor, torch.Tensor], None]
+
+
+def run_layers(model: PackedModel, hidden: torch.Tensor, work: Work, attend: Attend, kernels=None) -> None:
+    """All decoder layers over the rows of `hidden` (updated in place to the final residual).
+
+    `attend(i, qkv, out)` is layer i's attention; `kernels` (a `KernelTuner`) picks the W2A8 tiles.
+    """
+    a, dt = model.arch, model.dtype
+    x_hidden = work.x_int8[:, : a.hidden]
+    x_attn = work.x_int8[:, : a.attn_width]
+    x_inter = work.x_int8[:, : a.intermediate]
+    quant = (work.act_dequant, work.act_sum)
+    delta = None
+    for i, w in enumerate(model.layers):
+        norm_quant(
+            hidden if delta is None else delta, x_hidden, *quant, dtype=dt,
+            residual=None if delta is None else hidden, norm_weight=w.input_norm, eps=a.eps,
+        )
+        linear(x_hidden, *quant, w.qkv, work.qkv, kernels)
+        attend(i, work.qkv, work.attn)
+        norm_quant(work.attn, x_attn, *quant, dtype=dt, norm_weight=w.attn_sub_norm, eps=a.eps)
+        linear(x_attn, *quant, w.o, work.y, kernels)
+        norm_quant(work.y, x_hidden, *quant, dtype=dt, residual=hidden, norm_weight=w.post_norm, eps=a.eps)
+        linear(x_hidden, *quant, w.gate_up, work.gate_up, kernels)
+        norm_quant(work.gate_up, x_inter, *quant, dtype=dt, gated=True, act=a.act, norm_weight=w.ffn_sub_norm, eps=a.eps)
+        linear(x_inter, *quant, w.down, work.y, kernels)
+        delta = work.y
+    hidden.add_(delta.to(dt))
+
+
+def head(model: PackedModel, hidden: torch.Tensor) -> torch.Tensor:
+    """Final norm and lm_head in the activation dtype → float32 logits."""
+    x = rms_norm(hidden, model.final_norm, model.arch.eps)
+    return F.linear(x, model.lm_head, model.lm_head_bias).float()
+
+
+def attention_kwargs(model: PackedModel) -> dict:
+    a = model.arch
+    return dict(n_heads=a.n_heads, n_kv_heads=a.n_kv_heads, head_dim=a.head_dim, scale=a.scale, dtype=model.dtype)
+
+
+def decode_step(
+    model: PackedModel, state: DecodeState, work: Work, k_cache: torch.Tensor, v_cache: torch.Tensor, b: int,
+    *, kernels=None, attention_tile: dict | None = None,
+) -> None:
+    """One token for rows `0 … b−1` of the decode state → `state.logits[:b]` (graph-safe)."""
+    hidden = state.hidden[:b]
+    torch.index_select(model.embed, 0, state.tokens[:b], out=hidden)
+    slots, positions = state.slots[:b], state.positions[:b]
+    kwargs = dict(attention_kwargs(model), **(attention_tile or {}))
+
+    def attend(i: int, qkv: torch.Tensor, out: torch.Tensor) -> None:
+        decode_attention(qkv, k_cache[i], v_cache[i], slots, positions, model.cos, model.sin, out, **kwargs)
+
+    run_layers(model, hidden, work.rows(b), attend, kernels)
+    state.logits[:b].copy_(head(model, hidden))
+
+
+def prefill(
+    model: PackedModel, ids: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    *, slot_offset: int = 0, last: torch.Tensor | None = None, prefill_tokens: int = 16384, tuner=None,
+    project: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Right-padded prompts `ids (B, P)` into cache slots `slot_offset …`, `prefill_tokens` rows a pass.
+
+    Returns float32 logits at positions `last (B,)` → `(B, V)`, or at every position → `(B, P, V)`;
+    with `project`, `project(final residual (b, P, D), first row)` per pass instead (concatenated).
+    `tuner` (a `rollout.tuning.Tuner`) tunes the W2A8 tiles for each new row count first.
+    """
+    batch, length = ids.shape
+    chunk = max(1, prefill_tokens // length)
+    kwargs = attention_kwargs(model)
+    kernels = tuner.kernels if tuner is not None else None
+    outs = []
+    for r0 in range(0, batch, chunk):
+        sub = ids[r0 : r0 + chunk]
+        b = sub.shape[0]
+        rows = b * length
+        if tuner is not None:
+            tuner.prepare(model, rows)
+        hidden = F.embedding(sub.reshape(-1), model.embed)
+        slots = torch.arange(slot_offset + r0, slot_offset + r0 + b, device=model.device)
+
+        def attend(i: int, qkv: torch.Tensor, out: torch.Tensor) -> None:
+            prefill_attention(qkv, k_cache[i], v_cache[i], slots, model.cos, model.sin, out, batch=b, **kwargs)
+
+        run_layers(model, hidden, Work.empty(rows, model.arch, model.dtype, model.device), attend, kernels)
+        hidden = hidden.view(b, length, -1)
+        if project is not None:
+            outs.append(project(hidden, r0))
+            continue
+        if last is not None:
+            hidden = hidden[torch.arange(b, device=model.device), last[r0 : r0 + b]]
+        outs.append(head(model, hidden))
+    return torch.cat(outs)
+
+
+def final_hidden(model: PackedModel, residual: torch.Tensor) -> torch.Tensor:
+    """The final RMSNorm of the residual stream (what the LM head reads)."""
+    return rms_norm(residual, model.final_norm, model.arch.eps)

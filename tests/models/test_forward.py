@@ -1,0 +1,53 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bitnet_rl.models.forward import causal_lm_logprobs, chunked_head_logprobs, token_logprobs
+from bitnet_rl.rl.losses import entropy_from_logits, logprobs_from_logits
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 8, 1000])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_chunked_head_matches_full_logits_and_gradients(chunk_rows, with_bias):
+    g = torch.Generator().manual_seed(chunk_rows)
+    hidden = torch.randn(3, 13, 16, generator=g, dtype=torch.float64)
+    weight = torch.randn(50, 16, generator=g, dtype=torch.float64)
+    bias = torch.randn(50, generator=g, dtype=torch.float64) if with_bias else None
+    labels = torch.randint(0, 50, (3, 13), generator=g)
+    up_lp, up_ent = torch.randn(3, 13, generator=g, dtype=torch.float64), torch.randn(3, 13, generator=g, dtype=torch.float64)
+
+    def grads(fn):
+        leaves = [t.clone().requires_grad_() for t in (hidden, weight) + ((bias,) if with_bias else ())]
+        lp, ent = fn(*leaves)
+        ((lp.double() * up_lp).sum() + (ent.double() * up_ent).sum()).backward()
+        return lp.detach(), ent.detach(), [t.grad for t in leaves]
+
+    def plain(h, w, b=None):
+        logits = F.linear(h, w, b)
+        return logprobs_from_logits(logits, labels), entropy_from_logits(logits)
+
+    def chunked(h, w, b=None):
+        return chunked_head_logprobs(h, w, labels, b, chunk_rows=chunk_rows, with_entropy=True, compute_dtype=torch.float64)
+
+    lp_a, ent_a, grads_a = grads(plain)
+    lp_b, ent_b, grads_b = grads(chunked)
+    # both take the softmax in float32: agreement to float32 rounding of logits of size ~10
+    torch.testing.assert_close(lp_b, lp_a.float(), rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(ent_b, ent_a.float(), rtol=1e-5, atol=2e-5)
+    for a, b in zip(grads_a, grads_b):  # float32 softmax in both: relative error of the whole gradient
+        assert float((b - a).norm() / a.norm()) < 1e-5
+
+
+def test_causal_lm_logprobs_equals_token_logprobs(tiny_dir):
+    from bitnet_rl.models.io import load_policy
+
+    policy = load_policy(tiny_dir).eval()
+    ids = torch.randint(5, 100, (2, 11))
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0
+    with torch.no_grad():
+        expected = token_logprobs(policy, ids, mask)
+        got, entropy = causal_lm_logprobs(policy, ids, mask, with_entropy=True, chunk_rows=5)
+        logits = policy(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(entropy, entropy_from_logits(logits), rtol=1e-5, atol=1e-5)

@@ -1,0 +1,80 @@
+"""BitLinear training fast paths: the quantized-weight cache (CPU) and the Triton fake-quant kernel (GPU)."""
+
+import pytest
+import torch
+
+from bitnet_rl.quant.bitlinear import BitLinear, quantize_activation, quantize_weight
+from bitnet_rl.quant.kernels import triton_available
+
+
+def test_weight_cache_follows_optimizer_steps():
+    torch.manual_seed(0)
+    layer = BitLinear(32, 16)
+    reference = BitLinear(32, 16)
+    reference.cache_quantized_weight = False
+    reference.weight = layer.weight
+    opt = torch.optim.AdamW(layer.parameters(), lr=0.05)
+    x = torch.randn(4, 32)
+    first = layer.quantized_weight()
+    assert layer.quantized_weight() is first  # no recompute without a weight update
+    for _ in range(3):
+        out = layer(x)
+        torch.testing.assert_close(out, reference(x), rtol=0, atol=0)
+        out.square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+        assert torch.equal(layer.quantized_weight(), quantize_weight(layer.weight))
+    assert not torch.equal(layer.quantized_weight(), first)
+    with torch.no_grad():
+        layer.weight.mul_(-1)  # any in-place update through autograd-visible ops invalidates
+    assert torch.equal(layer.quantized_weight(), quantize_weight(layer.weight))
+
+
+def test_weight_cache_keeps_the_straight_through_gradient():
+    torch.manual_seed(1)
+    layer = BitLinear(24, 8, lam=0.5)
+    x = torch.randn(5, 24)
+    layer(x).sum().backward()
+    cached = layer.weight.grad.clone()
+    layer.weight.grad = None
+    layer.cache_quantized_weight = False
+    layer(x).sum().backward()
+    torch.testing.assert_close(layer.weight.grad, cached, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not triton_available(), reason="needs CUDA and Triton")
+def test_fake_quant_kernel_is_bit_exact():
+    from bitnet_rl.quant.kernels.train import fake_quantize_activation
+
+    for dtype in (torch.float32, torch.bfloat16):
+        for d in (64, 2560, 6912, 100):
+            x = torch.randn(37, d, device="cuda", dtype=dtype) * torch.rand(37, 1, device="cuda", dtype=dtype) * 4
+            x[3] = 0  # an all-zero row keeps a finite scale
+            assert torch.equal(fake_quantize_activation(x), quantize_activation(x)), (dtype, d)
+            assert torch.equal(fake_quantize_activation(x, triton=False), quantize_activation(x))
+    x = torch.randn(2, 9, 2560, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        q = fake_quantize_activation(x)
+    assert q.dtype == torch.bfloat16 and torch.equal(q, quantize_activation(x).to(torch.bfloat16))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not triton_available(), reason="needs CUDA and Triton")
+def test_bitlinear_gpu_fast_paths_match_reference_step():
+    """Forward and gradients with the kernel + cache equal the plain torch BitLinear (fp32 master, bf16 autocast)."""
+    import torch.nn.functional as F
+
+    from bitnet_rl.quant.bitlinear import ste_blend
+
+    torch.manual_seed(0)
+    layer = BitLinear(2560, 640, device="cuda")
+    x = torch.randn(4, 128, 2560, device="cuda", requires_grad=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        fast = layer(x)
+        slow = F.linear(ste_blend(x, quantize_activation(x), 1.0), ste_blend(layer.weight, quantize_weight(layer.weight), 1.0))
+    assert torch.equal(fast, slow)
+    g = torch.randn_like(fast)
+    gx_fast, gw_fast = torch.autograd.grad(fast, (x, layer.weight), g)
+    gx_slow, gw_slow = torch.autograd.grad(slow, (x, layer.weight), g)
+    assert torch.equal(gx_fast, gx_slow) and torch.equal(gw_fast, gw_slow)
