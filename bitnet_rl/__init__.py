@@ -34,6 +34,7 @@ _EXPORTS = {
     "run_dpo": "bitnet_rl.train.dpo",
     "run_rm": "bitnet_rl.train.rm",
     "run_ppo": "bitnet_rl.train.ppo",
+    "export_checkpoint": "bitnet_rl.export",
     "UserError": "bitnet_rl.errors",
 }
 
@@ -55,6 +56,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # for type checkers and IDEs; never executed
     from bitnet_rl.errors import UserError
+    from bitnet_rl.export import export_checkpoint
     from bitnet_rl.integrations.callback import BitNetCallback
     from bitnet_rl.integrations.prepare import prepare
     from bitnet_rl.models.io import load_policy, load_tokenizer, save_checkpoint
