@@ -85,7 +85,10 @@ def ternary_weight(module: BitLinear) -> np.ndarray:
 
 
 def write_gguf(policy: nn.Module, tokenizer, out: Path, ternary_type: str = "TQ2_0") -> Path:
-    import gguf
+    try:
+        import gguf
+    except ImportError:
+        raise UserError("--format gguf needs the gguf package: pip install 'bitnet-rl[gguf]'") from None
 
     from bitnet_rl.export import write_atomically
 
