@@ -1,0 +1,108 @@
+"""CPU decode speed of an exported model: llama.cpp (GGUF TQ2_0) vs our PackedGenerator vs bf16 transformers.
+
+    python benchmarks/cpu_decode.py [--hidden 1024 --layers 8 --intermediate 2816 --vocab 32000 --new 64 --threads 1]
+
+One random BitNet model (tied embeddings, SiLU: the variant llama.cpp's bitnet graph computes)
+is saved, exported with `bitnet-rl export --format gguf`, and decoded greedily from the same
+16-token prompt by each runtime on this machine with the same thread count. Decode tokens/s is
+(new - 1) / (time(new tokens) - time(1 token)), so prefill is excluded for all three.
+Needs `llama-cpp-python` for the llama.cpp row (skipped without it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def timed(fn, repeats: int = 3) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def decode_rate(run, new: int) -> float:
+    """Tokens/s of decoding alone: `run(n)` generates n tokens after the same prefill."""
+    run(2)  # warm-up
+    return (new - 1) / max(timed(lambda: run(new)) - timed(lambda: run(1)), 1e-9)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--intermediate", type=int, default=2816)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--new", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from transformers import BitNetConfig, BitNetForCausalLM
+
+    from bitnet_rl import PackedGenerator, export_checkpoint, load_policy
+    from bitnet_rl.models.tiny import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    config = BitNetConfig(
+        hidden_size=args.hidden, num_hidden_layers=args.layers, intermediate_size=args.intermediate, num_attention_heads=args.hidden // 64,
+        num_key_value_heads=max(args.hidden // 256, 1), vocab_size=args.vocab, tie_word_embeddings=True, hidden_act="silu",
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, max_position_embeddings=512,
+    )  # fmt: skip
+    prompt = list(range(10, 26))
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = Path(tmp) / "ckpt"
+        torch.manual_seed(0)
+        dense = BitNetForCausalLM(config).to(torch.bfloat16).eval()
+        dense.save_pretrained(ckpt)
+        tokenizer.save_pretrained(ckpt)
+        params = sum(p.numel() for p in dense.parameters())
+        exported = export_checkpoint(ckpt, "gguf", Path(tmp) / "gguf")
+        (gguf_file,) = exported.path.glob("*.gguf")
+        gguf_mib = gguf_file.stat().st_size / 2**20
+
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            rows.append(("transformers bf16 dense (generate)", decode_rate(
+                lambda n: dense.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0), args.new)))  # fmt: skip
+        policy = load_policy(ckpt, dtype=torch.float32).eval()
+        generator = PackedGenerator.from_model(policy, max_batch_size=1, max_seq_len=len(prompt) + args.new + 1)
+        rows.append(("bitnet-rl PackedGenerator (2-bit, fp32 CPU)", decode_rate(
+            lambda n: generator.generate([prompt], max_new_tokens=n, temperature=0.0, stop_token_ids=[]), args.new)))  # fmt: skip
+        try:
+            import llama_cpp
+        except ImportError:
+            llama_cpp = None
+        if llama_cpp is not None:
+            llm = llama_cpp.Llama(model_path=str(gguf_file), n_ctx=len(prompt) + args.new + 8, n_threads=args.threads, n_batch=64, verbose=False)
+
+            def run_llama(n: int) -> None:
+                llm.reset()
+                llm.eval(prompt)
+                for _ in range(n):
+                    llm.eval([int(llm.scores[llm.n_tokens - 1].argmax())])
+
+            rows.append((f"llama.cpp {llama_cpp.__version__} GGUF TQ2_0", decode_rate(run_llama, args.new)))
+        else:
+            rows.append(("llama.cpp (llama-cpp-python not installed)", float("nan")))
+
+    print(f"model: hidden {args.hidden}, {args.layers} layers, intermediate {args.intermediate}, vocab {args.vocab} "
+          f"({params / 1e6:.0f}M parameters); prompt {len(prompt)} tokens, {args.new} new, batch 1, {args.threads} thread(s)")  # fmt: skip
+    print(f"GGUF file: {gguf_mib:.1f} MiB")
+    base = rows[0][1]
+    print("| runtime | decode tok/s | vs transformers bf16 |")
+    print("| --- | --- | --- |")
+    for name, rate in rows:
+        print(f"| {name} | {rate:.1f} | {rate / base:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
