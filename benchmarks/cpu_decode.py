@@ -1,4 +1,4 @@
-"""CPU decode speed of an exported model: llama.cpp (GGUF TQ2_0) vs our PackedGenerator vs bf16 transformers.
+"""CPU decode speed of an exported model: llama.cpp (GGUF TQ2_0, TQ1_0) vs our PackedGenerator vs bf16 transformers.
 
     python benchmarks/cpu_decode.py [--hidden 1024 --layers 8 --intermediate 2816 --vocab 32000 --new 64 --threads 1]
 
@@ -65,9 +65,10 @@ def main() -> None:
         dense.save_pretrained(ckpt)
         tokenizer.save_pretrained(ckpt)
         params = sum(p.numel() for p in dense.parameters())
-        exported = export_checkpoint(ckpt, "gguf", Path(tmp) / "gguf")
-        (gguf_file,) = exported.path.glob("*.gguf")
-        gguf_mib = gguf_file.stat().st_size / 2**20
+        gguf_files = {}
+        for qtype in ("TQ2_0", "TQ1_0"):
+            (gguf_files[qtype],) = export_checkpoint(ckpt, "gguf", Path(tmp) / qtype, ternary_type=qtype).path.glob("*.gguf")
+        gguf_mib = {q: f.stat().st_size / 2**20 for q, f in gguf_files.items()}
 
         ids = torch.tensor([prompt])
         with torch.no_grad():
@@ -81,22 +82,22 @@ def main() -> None:
             import llama_cpp
         except ImportError:
             llama_cpp = None
-        if llama_cpp is not None:
-            llm = llama_cpp.Llama(model_path=str(gguf_file), n_ctx=len(prompt) + args.new + 8, n_threads=args.threads, n_batch=64, verbose=False)
+        for qtype, gguf_file in gguf_files.items() if llama_cpp is not None else ():
+            llm = llama_cpp.Llama(model_path=str(gguf_file), n_ctx=len(prompt) + args.new + 8, n_threads=args.threads, n_batch=64, logits_all=True, verbose=False)
 
-            def run_llama(n: int) -> None:
+            def run_llama(n: int, llm=llm) -> None:
                 llm.reset()
                 llm.eval(prompt)
                 for _ in range(n):
                     llm.eval([int(llm.scores[llm.n_tokens - 1].argmax())])
 
-            rows.append((f"llama.cpp {llama_cpp.__version__} GGUF TQ2_0", decode_rate(run_llama, args.new)))
-        else:
+            rows.append((f"llama.cpp (llama-cpp-python {llama_cpp.__version__}) GGUF {qtype}", decode_rate(run_llama, args.new)))
+        if llama_cpp is None:
             rows.append(("llama.cpp (llama-cpp-python not installed)", float("nan")))
 
     print(f"model: hidden {args.hidden}, {args.layers} layers, intermediate {args.intermediate}, vocab {args.vocab} "
           f"({params / 1e6:.0f}M parameters); prompt {len(prompt)} tokens, {args.new} new, batch 1, {args.threads} thread(s)")  # fmt: skip
-    print(f"GGUF file: {gguf_mib:.1f} MiB")
+    print("GGUF files: " + ", ".join(f"{q} {mib:.1f} MiB" for q, mib in gguf_mib.items()))
     base = rows[0][1]
     print("| runtime | decode tok/s | vs transformers bf16 |")
     print("| --- | --- | --- |")
