@@ -22,11 +22,16 @@ COMMON = dict(report_to=[], save_strategy="no", use_cpu=True, logging_steps=1, s
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
+def one_thread_fresh_accelerate():
+    """One torch thread; and drop the process-wide accelerate state the trainers create, so later
+    tests (our own loops) can build their `Accelerator` with other settings."""
+    from accelerate.state import AcceleratorState
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def tiny_prepared(tokenizer, lam: float = 0.0):
