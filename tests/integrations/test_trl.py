@@ -58,6 +58,8 @@ def check_lambda_logs(logs: list[dict], callback: BitNetCallback, model, steps: 
             assert f"bitnet/{key}" in entry
         assert entry["bitnet/frac_neg"] + entry["bitnet/frac_zero"] + entry["bitnet/frac_pos"] == pytest.approx(1.0)
     assert get_lambda(model) == pytest.approx(expected_lambda(callback, steps - 1))
+    print(f"{callback.kind}: logged λ {[round(e['bitnet/lambda'], 4) for e in logs]}, flip rate "
+          f"{[round(e['bitnet/flip_rate'], 4) for e in logs]}, loss {logs[0]['loss']:.3f} -> {logs[-1]['loss']:.3f}")  # fmt: skip
 
 
 def test_sft_trainer_schedule_and_health(tokenizer, tmp_path):
