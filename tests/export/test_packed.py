@@ -93,3 +93,23 @@ def test_packed_refuses_per_channel(tmp_path, tokenizer):
         export_checkpoint(tmp_path / "ckpt", "packed", tmp_path / "out")
     assert not (tmp_path / "out").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temporary directory left behind
+
+
+def test_llama_converted_model_exports_packed(tmp_path, tokenizer, no_compile):
+    """A dense Llama brought to 1.58 bits: transformers builds AutoBitLinear for the same layers."""
+    from transformers import AutoModelForCausalLM
+
+    from bitnet_rl.models.tiny import tiny_llama
+
+    tiny_llama(tmp_path / "dense", tokenizer=tokenizer)
+    result = export_checkpoint(tmp_path / "dense", "packed", tmp_path / "packed")
+    ids = tokenizer(PROMPTS, return_tensors="pt", padding=True).input_ids
+    mask = ids != tokenizer.pad_token_id
+    plain = AutoModelForCausalLM.from_pretrained(result.path).eval()
+    assert type(plain.model.layers[0].mlp.up_proj).__name__ == "AutoBitLinear"
+    assert type(plain.lm_head).__name__ == "Linear"
+    with torch.no_grad():
+        ref = load_policy(tmp_path / "dense").eval()(ids).logits[mask]
+        bf16 = load_policy(tmp_path / "dense", dtype=torch.bfloat16).eval()(ids).logits.float()[mask]
+        got = plain(ids).logits.float()[mask]
+    assert (got - ref).abs().max() <= 2 * (bf16 - ref).abs().max() + 1e-3
