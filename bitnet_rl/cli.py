@@ -237,6 +237,21 @@ def quickstart(
     run_quickstart(out, steps=steps, progress=progress, echo=typer.echo)
 
 
+@app.command()
+@user_errors
+def export(
+    checkpoint: Path = typer.Argument(..., help="A checkpoint or run directory (anything `--model` accepts)."),
+    format: str = typer.Option(..., "--format", help="packed (transformers offline 2-bit), bf16 (master weights) or gguf (llama.cpp)."),
+    out: Path = typer.Option(..., "--out", help="Directory to write (replaced atomically if it exists)."),
+    gguf_type: str = typer.Option("TQ2_0", "--gguf-type", help="Ternary GGUF type: TQ2_0 (2.06 bits/weight, faster) or TQ1_0 (1.69 bits/weight, smaller)."),
+) -> None:
+    """Write a model for where it will run, and print the on-disk sizes."""
+    from bitnet_rl.export import export_checkpoint
+
+    options = {"ternary_type": gguf_type} if format == "gguf" else {}
+    typer.echo(export_checkpoint(checkpoint, format, out, **options).summary(format))
+
+
 @recipe_app.command("show")
 @user_errors
 def recipe_show(
