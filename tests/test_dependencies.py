@@ -11,9 +11,7 @@ import pytest
 tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
 ROOT = Path(__file__).resolve().parents[1]
-IMPORT_NAMES = {"pyyaml": "yaml"}
-# declared for work landing in parallel: name -> where it is used
-PENDING = {"matplotlib": "plots of `bitnet-rl eval` (issue 10)"}
+IMPORT_NAMES = {"pyyaml": "yaml", "lm-eval": "lm_eval"}
 
 
 def declared() -> list[str]:
@@ -36,7 +34,7 @@ def imported_modules() -> set[str]:
 
 def test_core_dependencies_are_imported_by_the_package():
     imported = imported_modules()
-    unused = [name for name in declared() if IMPORT_NAMES.get(name, name) not in imported and name not in PENDING]
+    unused = [name for name in declared() if IMPORT_NAMES.get(name, name) not in imported]
     assert unused == [], f"declared but never imported by bitnet_rl/: {unused} (move them to the extra that uses them)"
 
 
