@@ -19,21 +19,22 @@ PrefExample = dict[str, list[int]]
 
 
 def tokenize_prefs(
-    records: list[dict[str, Any]], tokenizer: Any, max_prompt_length: int, max_length: int
+    records: list[dict[str, Any]], tokenizer: Any, max_prompt_length: int, max_length: int, chat: bool | None = None
 ) -> list[PrefExample]:
     """Tokenize validated prefs records into `{prompt_ids, chosen_ids, rejected_ids}`.
 
     A prompt over `max_prompt_length` is an error rather than silently cut, because cutting
     a prompt changes the question both answers respond to. Completions are cut so that
-    prompt + completion fits `max_length`.
+    prompt + completion fits `max_length`. `chat` renders every pair with the chat template
+    (None: only pairs holding message lists).
     """
     if not 0 < max_prompt_length < max_length:
         raise UserError(f"need 0 < max_prompt_length < max_length, got {max_prompt_length} and {max_length}")
     examples = []
     for index, record in enumerate(records):
         where = where_of(record, index)
-        prompt_ids, chosen_ids = encode_prompt_completion(tokenizer, record["prompt"], record["chosen"], where)
-        _, rejected_ids = encode_prompt_completion(tokenizer, record["prompt"], record["rejected"], where)
+        prompt_ids, chosen_ids = encode_prompt_completion(tokenizer, record["prompt"], record["chosen"], where, chat=chat)
+        _, rejected_ids = encode_prompt_completion(tokenizer, record["prompt"], record["rejected"], where, chat=chat)
         if len(prompt_ids) > max_prompt_length:
             raise UserError(
                 f"{where}: field 'prompt' is {len(prompt_ids)} tokens, over max_prompt_length={max_prompt_length}"
