@@ -50,6 +50,10 @@ def corpus_texts(path: str, key: str) -> list[str]:
         from bitnet_rl.data.demo import demo_corpus
 
         return demo_corpus()
+    from pathlib import Path
+
+    if not Path(path).exists():
+        raise UserError(f"{key}={path}: no such file or directory")
     texts = record_texts(read_records(path))
     if not texts:
         raise UserError(f"{key}={path}: no text fields ({', '.join(TEXT_FIELDS)}) to train a tokenizer on")

@@ -110,4 +110,5 @@ def rollout_prompt_ids(tokenizer: Any, policy: Any, prompts: list[Any], setting:
         check_prompt(prompt, f"{source}: prompt {index + 1}")
     chat = resolve_chat(setting, uses_messages(prompts), prompt_format_of(policy), source)
     set_prompt_format(policy, "chat" if chat else "plain")
-    return encode_prompts(tokenizer, prompts, chat=chat, context=context_length(policy), new_tokens=new_tokens)
+    where = [f"{source}: prompt {index + 1}" for index in range(len(prompts))]
+    return encode_prompts(tokenizer, prompts, chat=chat, context=context_length(policy), new_tokens=new_tokens, where=where)

@@ -28,7 +28,7 @@ from bitnet_rl.quant.bitlinear import set_lambda
 from bitnet_rl.quant.health import code_snapshot, ternary_health
 from bitnet_rl.quant.schedule import lambda_at
 from bitnet_rl.recipe import Recipe
-from bitnet_rl.train.rundir import begin_run, check_not_finished, check_run, find_checkpoint, prune_checkpoints  # noqa: F401 (re-exported)
+from bitnet_rl.train.rundir import begin_run, check_not_finished, check_run, find_checkpoint, load_trainer_file, prune_checkpoints  # noqa: F401 (re-exported)
 
 # loss_fn(model, batch) -> (loss to backpropagate, stats to log, tokens in the batch)
 LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, Any], int]]
@@ -188,8 +188,8 @@ def train(stage: Stage, recipe: Recipe, resume: str | None = None, overwrite: bo
     torch.manual_seed(tcfg.seed)
     if checkpoint is not None:
         trainer_dir = checkpoint / "trainer_state"
-        optimizer.load_state_dict(torch.load(trainer_dir / "optimizer.pt", map_location=accelerator.device, weights_only=True))
-        scheduler.load_state_dict(torch.load(trainer_dir / "scheduler.pt", weights_only=True))
+        optimizer.load_state_dict(load_trainer_file(trainer_dir / "optimizer.pt", map_location=accelerator.device, weights_only=True))
+        scheduler.load_state_dict(load_trainer_file(trainer_dir / "scheduler.pt", weights_only=True))
         load_rng(trainer_dir / "rng.pt")
     (out_dir / "recipe.json").write_text(recipe.model_dump_json(indent=2))
 
@@ -288,7 +288,7 @@ def save_rng(path: Path) -> None:
 
 
 def load_rng(path: Path) -> None:
-    rng = torch.load(path, weights_only=False)
+    rng = load_trainer_file(path, weights_only=False)
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])
     if torch.cuda.is_available() and rng.get("cuda") is not None:

@@ -39,26 +39,27 @@ RUN_ARTEFACTS = (RUN_FILE, "recipe.json", "metrics.jsonl", "checkpoints", "final
 HIDDEN_MARKERS = (".tmp-", ".old-", ".trash-")
 
 
-def check_writable_dir(path: str | Path, what: str = "--out") -> Path:
+def check_writable_dir(path: str | Path, what: str = "--out", shown: str | Path | None = None) -> Path:
     """Fail (without writing anything) unless `path` is or can become a writable directory.
 
     Names the culprit: `path` itself when it is a file, the ancestor that is a file, or the
     first existing ancestor that is read-only.
     """
     path = Path(path)
+    what = f"{what} {shown if shown is not None else path}"
     probe = path
     while not probe.exists():
         if probe.is_symlink():
-            raise UserError(f"{what} {path}: {probe} is a dangling symbolic link")
+            raise UserError(f"{what}: {probe} is a dangling symbolic link")
         if probe.parent == probe:
             break
         probe = probe.parent
     if probe.exists() and not probe.is_dir():
         if probe == path:
-            raise UserError(f"{what} {path}: exists and is a file, not a directory")
-        raise UserError(f"{what} {path}: {probe} is a file, not a directory")
+            raise UserError(f"{what}: exists and is a file, not a directory")
+        raise UserError(f"{what}: {probe} is a file, not a directory")
     if not _writable(probe):
-        raise UserError(f"{what} {path}: {probe} is not writable" + (" (read-only file system)" if _read_only_fs(probe) else ""))
+        raise UserError(f"{what}: {probe} is not writable" + (" (read-only file system)" if _read_only_fs(probe) else ""))
     return path
 
 
@@ -67,7 +68,7 @@ def check_writable_file(path: str | Path, what: str = "--out") -> Path:
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{what} {path}: is a directory, not a file")
-    check_writable_dir(path.parent, what=f"{what} {path}: directory")
+    check_writable_dir(path.parent, what=what, shown=path)
     return path
 
 
@@ -108,7 +109,7 @@ def check_run(out: str | Path, command: str, resume: str | None, overwrite: bool
             raise UserError(
                 f"--resume: {out} holds a `bitnet-rl {identity['command']}` run; it cannot be resumed by `bitnet-rl {command}`"
             )
-        return find_checkpoint(out, resume)
+        return check_checkpoint_files(find_checkpoint(out, resume))
     entries = _visible_entries(out)
     if entries and not overwrite:
         what = (
@@ -226,6 +227,37 @@ def find_checkpoint(out_dir: str | Path, resume: str) -> Path:
     if not (path / STATE_FILE).is_file():
         raise UserError(f"--resume {resume}: not a bitnet-rl checkpoint (no trainer_state/state.json)")
     return path
+
+
+def check_checkpoint_files(checkpoint: Path) -> Path:
+    """Cheap structural checks of a checkpoint before anything is loaded or written: readable
+    safetensors headers, a parseable state.json, and trainer-state files that are whole zip archives."""
+    import zipfile
+
+    from bitnet_rl.models.io import check_weight_files
+
+    if not check_weight_files(checkpoint):
+        raise UserError(f"--resume {checkpoint}: no .safetensors weights found")
+    try:
+        checkpoint_step(checkpoint)
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f"--resume {checkpoint}: {checkpoint / STATE_FILE} is unreadable") from None
+    for file in sorted((checkpoint / "trainer_state").glob("*.pt")):
+        try:
+            zipfile.ZipFile(file).close()
+        except (zipfile.BadZipFile, OSError) as err:
+            raise UserError(f"{file}: cannot read the checkpoint's trainer state ({err}); resume another checkpoint") from None
+    return checkpoint
+
+
+def load_trainer_file(path: Path, **kwargs: Any) -> Any:
+    """`torch.load` of a checkpoint's trainer-state file, a one-line error when it is missing or damaged."""
+    import torch
+
+    try:
+        return torch.load(path, **kwargs)
+    except (OSError, RuntimeError, EOFError, ValueError) as err:
+        raise UserError(f"{path}: cannot read the checkpoint's trainer state ({str(err).splitlines()[0][:120]}); resume another checkpoint") from None
 
 
 def check_not_finished(checkpoint: Path, step: int, max_steps: int, key: str = "train.max_steps") -> None:
