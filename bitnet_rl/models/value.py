@@ -39,10 +39,8 @@ def register_auto_classes() -> None:
     Reward models of other architectures (Llama, Qwen, ...) load without it.
     """
     from transformers import AutoModelForSequenceClassification, BitNetConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
 
-    if BitNetConfig not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING:
-        AutoModelForSequenceClassification.register(BitNetConfig, BitNetForSequenceClassification)
+    AutoModelForSequenceClassification.register(BitNetConfig, BitNetForSequenceClassification, exist_ok=True)
 
 
 def classifier_class(model_type: str):
