@@ -378,7 +378,7 @@ MOUNTS: list[Path] = []
 def unmount_after():
     yield
     while MOUNTS:
-        subprocess.run(["umount", str(MOUNTS.pop())], capture_output=True)
+        subprocess.run(["umount", "-l", str(MOUNTS.pop())], capture_output=True)
 
 
 def snapshot(path: Path) -> list[str] | None:
