@@ -250,10 +250,11 @@ def recipe_show(
 
 @recipe_app.command("reference")
 def recipe_reference() -> None:
-    """Print every recipe key with its default and meaning (markdown)."""
+    """Print every recipe key with its default and meaning, then each command's own defaults (markdown)."""
     from bitnet_rl.recipe import reference_markdown
+    from bitnet_rl.reference import command_defaults_markdown
 
-    typer.echo(reference_markdown())
+    typer.echo(reference_markdown() + "\n\nDefaults that depend on the command:\n\n" + command_defaults_markdown())
 
 
 def main() -> None:

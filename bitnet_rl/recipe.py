@@ -302,8 +302,11 @@ def reference_markdown(model_cls: type[Section] = Recipe, prefix: str = "") -> s
         if nested is not None:
             rows.extend(reference_markdown(nested, prefix=f"{key}.").splitlines())
             continue
-        default = field.get_default(call_default_factory=True)
-        shown = "—" if default is None else f"`{default}`" if not isinstance(default, list) else f"`{default}`"
+        if field.is_required():
+            shown = "required"
+        else:
+            default = field.get_default(call_default_factory=True)
+            shown = "—" if default is None else f"`{default}`"
         rows.append(f"| `{key}` | {shown} | {field.description or ''} |")
     return "\n".join(rows)
 
