@@ -6,6 +6,7 @@ descriptions below are the recipe reference in the README (`bitnet-rl recipe ref
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Literal
 
@@ -274,7 +275,7 @@ def validate(model_cls: type[Section], data: dict[str, Any], source: str) -> Sec
 
 def load_recipe(path: str | Path | None, overrides: list[str] | None = None, model_cls: type[Section] = Recipe, base: dict[str, Any] | None = None) -> Section:
     """Read a YAML recipe (or start from `base`/defaults when `path` is None), apply overrides, validate."""
-    data = dict(base or {})
+    data = copy.deepcopy(base or {})  # overrides edit nested sections in place: never a caller's defaults
     if path is not None:
         data = _deep_merge(data, read_yaml(path))
     data = apply_overrides(data, list(overrides or []))
