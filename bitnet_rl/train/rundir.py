@@ -207,7 +207,8 @@ def find_checkpoint(out_dir: str | Path, resume: str) -> Path:
     """`latest` → the furthest resumable checkpoint in OUT; else the directory `resume` names.
 
     `latest` looks at `checkpoints/step-*`, PPO's `checkpoints/iter-*-before-reward-error` and
-    `final`; a directory without `trainer_state/state.json` is not resumable.
+    `final`; a directory without `trainer_state/state.json` is not resumable. Of checkpoints at
+    the same step (a reward error right after a resume from `final`) the newest wins.
     """
     out_dir = Path(out_dir)
     if resume == "latest":
@@ -222,7 +223,7 @@ def find_checkpoint(out_dir: str | Path, resume: str) -> Path:
                 steps[path] = checkpoint_step(path)
             except (OSError, ValueError, KeyError, TypeError):
                 raise UserError(f"--resume latest: {path / STATE_FILE} is unreadable; delete {path} or resume another checkpoint") from None
-        return max(found, key=lambda p: (steps[p], p.name == "final"))
+        return max(found, key=lambda p: (steps[p], (p / STATE_FILE).stat().st_mtime))  # ties: the newest
     path = Path(resume)
     if not (path / STATE_FILE).is_file():
         raise UserError(f"--resume {resume}: not a bitnet-rl checkpoint (no trainer_state/state.json)")

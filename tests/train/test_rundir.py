@@ -131,3 +131,37 @@ def test_disk_full_detection():
     assert disk_full(torch_error, "/", low_bytes=shutil.disk_usage("/").free + 1)
     assert not disk_full(torch_error, "/", low_bytes=0)
     assert not disk_full(ValueError("bad value"), "/", low_bytes=shutil.disk_usage("/").free + 1)
+
+
+def test_ppo_resume_latest_continues_after_a_reward_error(sft_dir, tmp_path):
+    from bitnet_rl.rewards import RewardError
+    from bitnet_rl.train.ppo import run_ppo
+
+    flaky = tmp_path / "flaky.py"
+    flaky.write_text(
+        "from pathlib import Path\n"
+        "def reward(prompts, completions, **meta):\n"
+        f"    if Path({str(tmp_path / 'broken')!r}).exists():\n"
+        "        raise RuntimeError('reward server down')\n"
+        "    return [1.0] * len(completions)\n"
+    )
+
+    def ppo(iterations):
+        ppo_cfg = {"prompts": "demo", "num_prompts": 32, "iterations": iterations, "prompts_per_iteration": 4, "epochs": 1,
+                   "minibatch_size": 4, "micro_batch_size": 4, "rewards": [{"source": f"python:{flaky}:reward"}]}  # fmt: skip
+        data = {"out": str(tmp_path / "run"), "model": {"path": str(sft_dir)}, "rollout": {"max_new_tokens": 4}, "ppo": ppo_cfg,
+                "checkpoint": {"every": 1}, "logging": {"progress": False, "health_every": 0}}  # fmt: skip
+        return validate(Recipe, data, "test")
+
+    run_ppo(ppo(1))  # a finished first run
+    (tmp_path / "broken").touch()
+    with pytest.raises(RewardError):
+        run_ppo(ppo(3), resume="latest")  # resumes at iteration 1, the reward fails there
+    saved = find_checkpoint(tmp_path / "run", "latest")
+    assert saved.name == "iter-000001-before-reward-error"
+    (tmp_path / "broken").unlink()
+    run_ppo(ppo(3), resume="latest")
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    identity = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert identity["command"] == "ppo" and [e["from"].rsplit("/", 1)[1] for e in identity["resumes"]] == ["final", saved.name]
