@@ -39,8 +39,9 @@ def user_errors(fn: Callable) -> Callable:
         except OSError as err:  # the disk filled up or became read-only outside a checkpoint write
             if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
                 raise
-            where = f" ({err.filename})" if err.filename else ""
-            typer.echo(f"error: {err.strerror}{where}", err=True)
+            where = f" writing {err.filename}" if err.filename else ""
+            what = "disk full: no space left on device" if err.errno in (errno.ENOSPC, errno.EDQUOT) else err.strerror
+            typer.echo(f"error: {what}{where}", err=True)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -228,7 +229,9 @@ def quickstart(
 ) -> None:
     """Train a tiny BitNet model end to end on the demo task (CPU, minutes) and print a before/after table."""
     from bitnet_rl.quickstart import run_quickstart
+    from bitnet_rl.train.rundir import check_writable_dir
 
+    check_writable_dir(out)
     configure_progress(progress)
     run_quickstart(out, steps=steps, progress=progress, echo=typer.echo)
 
