@@ -19,7 +19,7 @@ from bitnet_rl.models.build import resolve_model_dir
 from bitnet_rl.models.io import load_policy, load_tokenizer, prompt_format_of
 
 
-def prompt_chat(recorded: str | None, chat: bool | None, prompts: list[Any], model_dir: Path) -> bool | None:
+def prompt_chat(recorded: str | None, chat: bool | None, model_dir: Path) -> bool | None:
     """`--chat/--no-chat` if given (warning when it differs from the recorded training format), else the record."""
     if chat is None:
         return {"chat": True, "plain": False}.get(recorded)  # None: chat only for message lists
@@ -54,7 +54,7 @@ def generate_to_records(
     device = "cuda" if torch.cuda.is_available() else "cpu"
     policy = load_policy(path, dtype=torch.bfloat16 if device == "cuda" else torch.float32, device=device).eval()
     tokenizer = load_tokenizer(path)
-    chat = prompt_chat(prompt_format_of(policy), chat, prompts, path)
+    chat = prompt_chat(prompt_format_of(policy), chat, path)
     context = getattr(policy.config, "max_position_embeddings", None)
     ids = encode_prompts(tokenizer, prompts, chat=chat, context=context, new_tokens=max_new_tokens, where=wheres, new_tokens_key="--max-new-tokens")
     longest = max(len(i) for i in ids)

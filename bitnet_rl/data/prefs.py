@@ -46,6 +46,24 @@ def tokenize_prefs(
     return examples
 
 
+def model_pref_examples(records: list[dict[str, Any]], fmt: str, tokenizer: Any, model: Any, data: Any) -> list[PrefExample]:
+    """Preference examples for training `model` (DPO policy or reward model) as the recipe's `data` says.
+
+    The chat setting is resolved against the model's recorded prompt format and recorded on the
+    model (its checkpoints then say what it was trained on); pairs must fit the model's context.
+    """
+    from bitnet_rl.data.load import check_fits_context, choose_chat
+    from bitnet_rl.data.prompts import context_length
+    from bitnet_rl.models.io import prompt_format_of, set_prompt_format
+
+    chat = choose_chat(data, records, fmt, prompt_format_of(model))
+    set_prompt_format(model, "chat" if chat else "plain")
+    examples = tokenize_prefs(records, tokenizer, data.max_prompt_length, data.max_length, chat=chat)
+    longest = max(len(e["prompt_ids"]) + max(len(e["chosen_ids"]), len(e["rejected_ids"])) for e in examples)
+    check_fits_context(longest, context_length(model), data.path or "data")
+    return examples
+
+
 class PrefCollator:
     """Batch preference examples into right-padded tensors, all (B, T) with one shared T.
 

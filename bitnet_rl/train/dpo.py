@@ -16,13 +16,11 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from bitnet_rl.data.load import check_fits_context, choose_chat, load_records, tokenizer_texts
-from bitnet_rl.data.prompts import context_length
-from bitnet_rl.data.prefs import PrefCollator, tokenize_prefs
+from bitnet_rl.data.load import load_records, tokenizer_texts
+from bitnet_rl.data.prefs import PrefCollator, model_pref_examples
 from bitnet_rl.data.sft import train_val_split
 from bitnet_rl.data.tokenizer import pad_id
 from bitnet_rl.models.build import build_policy
-from bitnet_rl.models.io import prompt_format_of, set_prompt_format
 from bitnet_rl.models.forward import token_logprobs
 from bitnet_rl.models.frozen import frozen_ternary_copy
 from bitnet_rl.recipe import DPOConfig, Recipe
@@ -144,10 +142,7 @@ def run_dpo(recipe: Recipe, resume: str | None = None, device: str | None = None
     records, fmt = load_records(data, data.path, "prefs", seed=recipe.train.seed)
     texts = tokenizer_texts(data.path, records)
     model, tokenizer = build_policy(recipe.model, recipe.quant, lam=current_lambda(recipe, 0), device=device, seed=recipe.train.seed, texts=texts)
-    chat = choose_chat(data, records, fmt, prompt_format_of(model))
-    set_prompt_format(model, "chat" if chat else "plain")
-    examples = tokenize_prefs(records, tokenizer, data.max_prompt_length, data.max_length, chat=chat)
-    check_fits_context(max(len(e["prompt_ids"]) + max(len(e["chosen_ids"]), len(e["rejected_ids"])) for e in examples), context_length(model), data.path)
+    examples = model_pref_examples(records, fmt, tokenizer, model, data)
     train_examples, val_examples = train_val_split(examples, data.val_fraction, recipe.train.seed)
     collate = DPOCollator(pad_id(tokenizer))
     reference = make_reference(model, cfg.reference)

@@ -17,14 +17,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bitnet_rl.data.load import check_fits_context, choose_chat, load_records
-from bitnet_rl.data.prompts import context_length
-from bitnet_rl.data.prefs import PrefCollator, tokenize_prefs
+from bitnet_rl.data.load import load_records
+from bitnet_rl.data.prefs import PrefCollator, model_pref_examples
 from bitnet_rl.data.sft import train_val_split
 from bitnet_rl.data.tokenizer import pad_id
 from bitnet_rl.errors import UserError
 from bitnet_rl.models.build import resolve_dtype, resolve_model_dir
-from bitnet_rl.models.io import load_tokenizer, prompt_format_of, set_prompt_format
+from bitnet_rl.models.io import load_tokenizer
 from bitnet_rl.models.value import load_scalar_model, sequence_scores
 from bitnet_rl.recipe import Recipe
 from bitnet_rl.train.loop import Stage, current_lambda, train
@@ -104,10 +103,7 @@ def run_rm(recipe: Recipe, resume: str | None = None, device: str | None = None,
     tokenizer = load_tokenizer(path)
     data = recipe.data
     records, fmt = load_records(data, data.path, "prefs", seed=recipe.train.seed)
-    chat = choose_chat(data, records, fmt, prompt_format_of(model))
-    set_prompt_format(model, "chat" if chat else "plain")
-    examples = tokenize_prefs(records, tokenizer, data.max_prompt_length, data.max_length, chat=chat)
-    check_fits_context(max(len(e["prompt_ids"]) + max(len(e["chosen_ids"]), len(e["rejected_ids"])) for e in examples), context_length(model), data.path)
+    examples = model_pref_examples(records, fmt, tokenizer, model, data)
     train_examples, val_examples = train_val_split(examples, data.val_fraction, recipe.train.seed)
     collate = PrefCollator(pad_id(tokenizer))
 
