@@ -45,6 +45,7 @@ class Env:
     rm_dir: Path  # a reward model
     run_dir: Path  # a finished sft run (checkpoints/step-1, final at step 2)
     recipe: Path  # tiny sft recipe (2 steps)
+    mounts: list[Path]  # read-only tmpfs mounted by this test (root only), unmounted after it
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +65,10 @@ def shared(tmp_path_factory, tiny_dir):
 @pytest.fixture
 def env(shared, tiny_dir, tmp_path):
     root, rm_dir, run_dir, recipe = shared
-    return Env(tmp=tmp_path, tiny_dir=tiny_dir, rm_dir=rm_dir, run_dir=run_dir, recipe=recipe)
+    env = Env(tmp=tmp_path, tiny_dir=tiny_dir, rm_dir=rm_dir, run_dir=run_dir, recipe=recipe, mounts=[])
+    yield env
+    for mount in env.mounts:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
 
 
 def copy_model(src: Path, dst: Path) -> Path:
@@ -163,12 +167,12 @@ def out_under_file(e):
 
 
 def out_read_only(e):
-    return ["sft", str(e.recipe), "--out", str(read_only_dir(e.tmp) / "run")], "is not writable"
+    return ["sft", str(e.recipe), "--out", str(read_only_dir(e) / "run")], "is not writable"
 
 
 def generate_out_read_only(e):
     prompts = write(e.tmp / "p.jsonl", '{"prompt": "sort: 1 ="}\n')
-    return ["generate", str(e.tiny_dir), "--prompts", str(prompts), "--out", str(read_only_dir(e.tmp) / "o.jsonl")], "is not writable"
+    return ["generate", str(e.tiny_dir), "--prompts", str(prompts), "--out", str(read_only_dir(e) / "o.jsonl")], "is not writable"
 
 
 def generate_out_is_dir(e):
@@ -373,9 +377,9 @@ CASES: dict[str, Callable] = {f.__name__: f for f in [
 ]}  # fmt: skip
 
 
-def read_only_dir(tmp: Path) -> Path:
+def read_only_dir(e: Env) -> Path:
     """A directory this process cannot write: chmod 555 for a normal user, a read-only tmpfs for root."""
-    ro = tmp / "ro"
+    ro = e.tmp / "ro"
     ro.mkdir(exist_ok=True)
     if os.geteuid() != 0:
         ro.chmod(0o555)
@@ -383,18 +387,8 @@ def read_only_dir(tmp: Path) -> Path:
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(ro)], capture_output=True)
     if mounted.returncode != 0:
         pytest.skip("running as root without permission to mount a read-only tmpfs")
-    MOUNTS.append(ro)
+    e.mounts.append(ro)
     return ro
-
-
-MOUNTS: list[Path] = []
-
-
-@pytest.fixture(autouse=True)
-def unmount_after():
-    yield
-    while MOUNTS:
-        subprocess.run(["umount", "-l", str(MOUNTS.pop())], capture_output=True)
 
 
 def snapshot(path: Path) -> list[str] | None:
