@@ -70,6 +70,11 @@ def test_messages_sft_is_recorded_and_followed(tmp_path, no_compile):
     tokenizer = load_tokenizer(final)
     ids = tokenize_prefs(pairs, tokenizer, 32, 48, chat=chat)[0]["prompt_ids"]
     assert chat is True and tokenizer.convert_tokens_to_ids("<|user|>") in ids and tokenizer.convert_tokens_to_ids("<|assistant|>") in ids
+    # ... so the string pairs train exactly what the same pairs in messages format train
+    as_messages = [{"prompt": [{"role": "user", "content": "sort: 2 1 ="}], "chosen": [{"role": "assistant", "content": " 1 2"}],
+                    "rejected": [{"role": "assistant", "content": " 2 1"}]}]  # fmt: skip
+    assert tokenize_prefs(pairs, tokenizer, 32, 48, chat=chat) == tokenize_prefs(as_messages, tokenizer, 32, 48)
+    assert tokenize_prefs(pairs, tokenizer, 32, 48, chat=False) != tokenize_prefs(as_messages, tokenizer, 32, 48)
 
     # generate follows the record; --no-chat renders differently and says so
     def run(chat):
