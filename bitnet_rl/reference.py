@@ -35,7 +35,7 @@ def command_defaults_markdown() -> str:
     per_command = {name: _flatten(values) for name, values in command_recipe_defaults().items()}
     base = _flatten(Recipe().model_dump())
     keys = sorted({key for values in per_command.values() for key in values}, key=list(base).index)
-    rows = ["| key | sft (and the table below) | dpo | rm | ppo |", "| --- | --- | --- | --- | --- |"]
+    rows = ["| key | sft (the recipe default) | dpo | rm | ppo |", "| --- | --- | --- | --- | --- |"]
     for key in keys:
         cells = [f"`{per_command[c].get(key, base[key])}`" for c in ("dpo", "rm", "ppo")]
         rows.append(f"| `{key}` | `{base[key]}` | " + " | ".join(cells) + " |")
