@@ -5,6 +5,7 @@ User mistakes (`UserError`) print one line on stderr and exit with code 2.
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Callable, List, Optional
 import typer
 
 from bitnet_rl.errors import UserError
+from bitnet_rl.runtime import configure_progress
 
 app = typer.Typer(
     help="Fine-tune and align BitNet b1.58 (ternary) language models: SFT, DPO, reward models, PPO.",
@@ -34,8 +36,27 @@ def user_errors(fn: Callable) -> Callable:
         except UserError as err:
             typer.echo(f"error: {err}", err=True)
             raise typer.Exit(2) from None
+        except OSError as err:  # the disk filled up or became read-only outside a checkpoint write
+            if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+                raise
+            where = f" writing {err.filename}" if err.filename else ""
+            what = "disk full: no space left on device" if err.errno in (errno.ENOSPC, errno.EDQUOT) else err.strerror
+            typer.echo(f"error: {what}{where}", err=True)
+            raise typer.Exit(2) from None
 
     return wrapper
+
+
+@app.callback()
+def options(
+    threads: Optional[int] = typer.Option(
+        None, "--threads", min=1, help="CPU threads for torch (default on CPU-only machines: half the cores, at most 8; OMP_NUM_THREADS is honoured when set)."
+    ),
+) -> None:
+    """Fine-tune and align BitNet b1.58 (ternary) language models."""
+    from bitnet_rl.runtime import set_threads
+
+    set_threads(threads)
 
 
 OVERRIDES_HELP = "Recipe overrides, e.g. optimizer.lr=3e-4 train.max_steps=200."
@@ -74,7 +95,8 @@ def finished(final: Path) -> None:
 
 
 MODEL_HELP = "Policy directory (overrides model.path): BitNet master weights, a bitnet-rl checkpoint or run dir, or a dense Llama-style LM."
-RESUME_HELP = "Resume from `latest` (newest OUT/checkpoints/step-*) or a checkpoint directory."
+RESUME_HELP = "Resume from `latest` (the furthest checkpoint in OUT) or a checkpoint directory."
+OVERWRITE_HELP = "Replace the run already in OUT (its checkpoints, final model and metrics); without it a non-empty OUT is an error."
 
 
 @app.command()
@@ -86,13 +108,15 @@ def sft(
     data: Optional[str] = typer.Option(None, "--data", help="Training data (overrides data.path): a file, a datasets dir, or `demo`."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output directory (overrides out)."),
     resume: Optional[str] = typer.Option(None, "--resume", help=RESUME_HELP),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
 ) -> None:
     """Supervised fine-tuning with BitLinear, λ warm-up, checkpoints and metrics.jsonl."""
     from bitnet_rl.recipe import load_recipe
     from bitnet_rl.train.sft import run_sft
 
     resolved = load_recipe(recipe, list(overrides or []) + flag_overrides(model, data, None if out is None else str(out)))
-    finished(run_sft(resolved, resume=resume))
+    configure_progress(resolved.logging.progress)
+    finished(run_sft(resolved, resume=resume, overwrite=overwrite))
 
 
 @app.command()
@@ -103,6 +127,7 @@ def dpo(
     model: Optional[str] = typer.Option(None, "--model", help=MODEL_HELP),
     out: Optional[Path] = typer.Option(None, "--out", help="Output directory (overrides out)."),
     resume: Optional[str] = typer.Option(None, "--resume", help=RESUME_HELP),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
     overrides: Optional[List[str]] = typer.Argument(None, help="Recipe overrides, e.g. dpo.beta=0.1 dpo.loss_type=ipo."),
 ) -> None:
     """Direct preference optimization against a frozen (2-bit ternary) reference."""
@@ -111,7 +136,8 @@ def dpo(
 
     extra = flag_overrides(model, prefs, None if out is None else str(out))
     resolved = load_recipe(recipe, list(overrides or []) + extra, base=DPO_DEFAULTS)
-    finished(run_dpo(resolved, resume=resume))
+    configure_progress(resolved.logging.progress)
+    finished(run_dpo(resolved, resume=resume, overwrite=overwrite))
 
 
 @app.command()
@@ -122,6 +148,7 @@ def rm(
     model: Optional[str] = typer.Option(None, "--model", help="Backbone: an SFT checkpoint, any causal LM, or a reward model to continue."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output directory; OUT/final is what `ppo --reward` takes."),
     resume: Optional[str] = typer.Option(None, "--resume", help=RESUME_HELP),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
     overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP),
 ) -> None:
     """Train a Bradley-Terry reward model (BitLinear backbone + scalar head)."""
@@ -130,7 +157,8 @@ def rm(
 
     extra = flag_overrides(model, prefs, None if out is None else str(out))
     resolved = load_recipe(recipe, list(overrides or []) + extra, base=RM_DEFAULTS)
-    finished(run_rm(resolved, resume=resume))
+    configure_progress(resolved.logging.progress)
+    finished(run_rm(resolved, resume=resume, overwrite=overwrite))
 
 
 @app.command()
@@ -142,6 +170,7 @@ def ppo(
     prompts: Optional[str] = typer.Option(None, "--prompts", help="Prompts file (field prompt or messages), or `demo`."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output directory (overrides out)."),
     resume: Optional[str] = typer.Option(None, "--resume", help=RESUME_HELP),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
     overrides: Optional[List[str]] = typer.Argument(None, help="Recipe overrides, e.g. ppo.advantage=grpo ppo.samples_per_prompt=4."),
 ) -> None:
     """PPO / GRPO / RLOO / REINFORCE++ with a KL penalty to the frozen reference, sampling with the packed generator."""
@@ -152,7 +181,8 @@ def ppo(
     resolved = load_recipe(recipe, list(overrides or []) + extra, base=PPO_DEFAULTS)
     if reward:
         resolved.ppo.rewards = [RewardSpec(source=spec) for spec in reward]
-    finished(run_ppo(resolved, resume=resume))
+    configure_progress(resolved.logging.progress)
+    finished(run_ppo(resolved, resume=resume, overwrite=overwrite))
 
 
 @app.command()
@@ -169,14 +199,22 @@ def generate(
     seed: int = typer.Option(0, "--seed", help="Sampling seed."),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Prompts per generator batch."),
     backend: str = typer.Option("packed", "--backend", help="packed (2-bit PackedGenerator) or policy (transformers generate)."),
+    chat: Optional[bool] = typer.Option(
+        None, "--chat/--no-chat", help="Render prompts with the chat template, or not (default: as the model was trained, recorded in its config)."
+    ),
 ) -> None:
     """Sample from a model with the packed 2-bit generator."""
     from bitnet_rl.generate import generate_to_records
+    from bitnet_rl.train.rundir import check_writable_file
 
     if (prompt is None) == (prompts is None):
         raise UserError("give exactly one of --prompt TEXT or --prompts FILE")
+    if backend not in ("packed", "policy"):
+        raise UserError(f"--backend {backend!r}: use packed or policy")
+    if out is not None:
+        check_writable_file(out)
     records = generate_to_records(
-        model_dir, [prompt] if prompt is not None else None, prompts, max_new_tokens, temperature, top_k, top_p, seed, batch_size, backend
+        model_dir, [prompt] if prompt is not None else None, prompts, max_new_tokens, temperature, top_k, top_p, seed, batch_size, backend, chat
     )
     if prompt is not None:
         typer.echo(prompt + records[0]["completion"])
@@ -233,7 +271,10 @@ def quickstart(
 ) -> None:
     """Train a tiny BitNet model end to end on the demo task (CPU, minutes) and print a before/after table."""
     from bitnet_rl.quickstart import run_quickstart
+    from bitnet_rl.train.rundir import check_writable_dir
 
+    check_writable_dir(out)
+    configure_progress(progress)
     run_quickstart(out, steps=steps, progress=progress, echo=typer.echo)
 
 
@@ -269,10 +310,11 @@ def recipe_show(
 
 @recipe_app.command("reference")
 def recipe_reference() -> None:
-    """Print every recipe key with its default and meaning (markdown)."""
+    """Print every recipe key with its default and meaning, then each command's own defaults (markdown)."""
     from bitnet_rl.recipe import reference_markdown
+    from bitnet_rl.reference import command_defaults_markdown
 
-    typer.echo(reference_markdown())
+    typer.echo(reference_markdown() + "\n\nDefaults that depend on the command:\n\n" + command_defaults_markdown())
 
 
 def main() -> None:

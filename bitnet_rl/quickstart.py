@@ -136,7 +136,7 @@ def stage_sft(ctx: Context) -> Path:
     data["logging"] = dict(data["logging"], progress=ctx.progress)
     if ctx.steps:
         data["train"] = dict(data["train"], max_steps=ctx.steps)
-    return run_sft(validate(Recipe, data, "quickstart sft recipe"))
+    return run_sft(validate(Recipe, data, "quickstart sft recipe"), overwrite=True)
 
 
 DPO_RECIPE: dict[str, Any] = {
@@ -184,13 +184,13 @@ def _stage_recipe(ctx: Context, base: dict[str, Any], name: str, model: Path, **
 def stage_dpo(ctx: Context) -> Path:
     from bitnet_rl.train.dpo import run_dpo
 
-    return run_dpo(_stage_recipe(ctx, DPO_RECIPE, "dpo", ctx.checkpoints["sft"]))
+    return run_dpo(_stage_recipe(ctx, DPO_RECIPE, "dpo", ctx.checkpoints["sft"]), overwrite=True)
 
 
 def stage_rm(ctx: Context) -> Path:
     from bitnet_rl.train.rm import run_rm
 
-    rm_dir = run_rm(_stage_recipe(ctx, RM_RECIPE, "rm", ctx.checkpoints["sft"]))
+    rm_dir = run_rm(_stage_recipe(ctx, RM_RECIPE, "rm", ctx.checkpoints["sft"]), overwrite=True)
     ctx.notes.append(f"reward model: {_last_metrics(ctx.out / 'rm')}")
     return rm_dir
 
@@ -199,7 +199,7 @@ def stage_ppo_python(ctx: Context) -> Path:
     from bitnet_rl.train.ppo import run_ppo
 
     ppo = dict(PPO_RECIPE["ppo"], rewards=[{"source": REWARD_SPEC}])
-    return run_ppo(_stage_recipe(ctx, {**PPO_RECIPE, "ppo": ppo}, "ppo-python", ctx.checkpoints["sft"]))
+    return run_ppo(_stage_recipe(ctx, {**PPO_RECIPE, "ppo": ppo}, "ppo-python", ctx.checkpoints["sft"]), overwrite=True)
 
 
 def stage_ppo_learned(ctx: Context) -> Path:
@@ -207,7 +207,7 @@ def stage_ppo_learned(ctx: Context) -> Path:
 
     # a learned reward can be gamed: a stronger KL anchor keeps the policy near the RM's training data
     ppo = dict(PPO_RECIPE["ppo"], rewards=[{"source": str(ctx.checkpoints["rm"])}], kl_coef=0.2)
-    return run_ppo(_stage_recipe(ctx, {**PPO_RECIPE, "ppo": ppo}, "ppo-rm", ctx.checkpoints["sft"]))
+    return run_ppo(_stage_recipe(ctx, {**PPO_RECIPE, "ppo": ppo}, "ppo-rm", ctx.checkpoints["sft"]), overwrite=True)
 
 
 def _last_metrics(out: Path) -> str:

@@ -6,11 +6,12 @@ descriptions below are the recipe reference in the README (`bitnet-rl recipe ref
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from bitnet_rl.errors import UserError
 
@@ -47,6 +48,15 @@ class TinyModelConfig(Section):
     num_attention_heads: int = Field(4, gt=0, description="Attention heads of the tiny demo model.")
     num_key_value_heads: int = Field(2, gt=0, description="KV heads of the tiny demo model.")
     intermediate_size: int = Field(128, gt=0, description="MLP width of the tiny demo model.")
+    tokenizer_vocab_size: int = Field(384, ge=64, description="Vocabulary of the byte-level BPE tokenizer trained for the tiny model.")
+    tokenizer_data: str | None = Field(
+        None,
+        description="Data file (any supported format) whose text trains the tiny model's tokenizer; default: the run's own training data (the demo corpus for `demo` and for ppo).",
+    )
+
+    def shape(self) -> dict[str, int]:
+        """The architecture fields (what goes into the model config)."""
+        return self.model_dump(exclude={"tokenizer_vocab_size", "tokenizer_data"})
 
 
 class ModelConfig(Section):
@@ -56,7 +66,15 @@ class ModelConfig(Section):
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="Master-weight dtype: auto is float32 on CPU, bfloat16 on GPU."
     )
-    tiny: TinyModelConfig | None = Field(None, description="Build a random tiny BitNet model instead of loading `path` (demo, tests).")
+    tiny: TinyModelConfig | None = Field(None, description="Build a random tiny BitNet model instead of loading `path` (demo, tests); excludes `path`.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelConfig":
+        if self.tiny is not None and self.path:
+            raise ValueError(
+                f"model.tiny and model.path={self.path} are both set; remove one (--model DIR replaces model.tiny)"
+            )
+        return self
 
 
 class DataConfig(Section):
@@ -67,6 +85,10 @@ class DataConfig(Section):
     train_on_prompt: bool = Field(False, description="Also put the loss on prompt / user tokens.")
     packing: bool = Field(False, description="Concatenate examples into max_length chunks.")
     val_fraction: float = Field(0.05, ge=0, lt=1, description="Share of records held out for validation loss / perplexity.")
+    chat_template: Literal["auto", "always", "never"] = Field(
+        "auto",
+        description="Render prompts with the tokenizer's chat template: always, never, or auto (when the data holds chat messages or the model was trained on chat prompts, as its checkpoint records).",
+    )
     demo_size: int = Field(2000, gt=0, description="Records generated when path is `demo`.")
 
 
@@ -218,8 +240,14 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"recipe not found: {path}")
+    raw = path.read_bytes()
     try:
-        data = yaml.safe_load(path.read_text())
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise UserError(f"{path}:{line}: not valid UTF-8 (byte 0x{raw[err.start]:02x}); save the recipe as UTF-8") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
@@ -240,12 +268,14 @@ def validate(model_cls: type[Section], data: dict[str, Any], source: str) -> Sec
         key = ".".join(str(p) for p in first["loc"]) or "(top level)"
         if first["type"] == "extra_forbidden":
             raise UserError(f"{source}: unknown key {key}") from None
+        if first["type"] == "value_error":
+            raise UserError(f"{source}: {first['msg'].removeprefix('Value error, ')}") from None
         raise UserError(f"{source}: {key}: {first['msg']} (got {first.get('input')!r})") from None
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] | None = None, model_cls: type[Section] = Recipe, base: dict[str, Any] | None = None) -> Section:
     """Read a YAML recipe (or start from `base`/defaults when `path` is None), apply overrides, validate."""
-    data = dict(base or {})
+    data = copy.deepcopy(base or {})  # overrides edit nested sections in place: never a caller's defaults
     if path is not None:
         data = _deep_merge(data, read_yaml(path))
     data = apply_overrides(data, list(overrides or []))
@@ -273,8 +303,11 @@ def reference_markdown(model_cls: type[Section] = Recipe, prefix: str = "") -> s
         if nested is not None:
             rows.extend(reference_markdown(nested, prefix=f"{key}.").splitlines())
             continue
-        default = field.get_default(call_default_factory=True)
-        shown = "—" if default is None else f"`{default}`" if not isinstance(default, list) else f"`{default}`"
+        if field.is_required():
+            shown = "required"
+        else:
+            default = field.get_default(call_default_factory=True)
+            shown = "—" if default is None else f"`{default}`"
         rows.append(f"| `{key}` | {shown} | {field.description or ''} |")
     return "\n".join(rows)
 

@@ -65,3 +65,9 @@ def test_readme_recipe_reference_is_current():
     block = re.search(r"<!-- recipe-reference:start -->\n(.*)\n<!-- recipe-reference:end -->", readme, re.S)
     assert block is not None
     assert block.group(1) == reference_markdown(), "README recipe reference is stale: paste `bitnet-rl recipe reference`"
+
+
+def test_overrides_never_change_the_base_defaults():
+    base = {"train": {"max_steps": 500}}
+    assert load_recipe(None, ["train.max_steps=3"], base=base).train.max_steps == 3
+    assert base == {"train": {"max_steps": 500}}

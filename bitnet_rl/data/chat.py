@@ -8,6 +8,7 @@ This works for any template where rendering a prefix yields a prefix of the full
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from bitnet_rl.errors import UserError
@@ -90,16 +91,52 @@ def render_prompt_completion(
     return prompt_text, _added_text(tokenizer, prompt_text, full_messages, where)
 
 
+def resolve_chat(setting: str, has_messages: bool, recorded: str | None, source: str) -> bool:
+    """Whether a run renders prompts with the chat template (`data.chat_template`).
+
+    `always`: yes (a plain string is a user / assistant message); `never`: no (an error if the
+    data holds message lists, which only exist through a template); `auto`: yes when the data
+    holds message lists or the model was trained on chat prompts (`recorded`, from its
+    checkpoint), so a chat-tuned model never silently gets raw prompts. A warning says when the
+    result differs from the model's recorded training format.
+    """
+    if setting == "never" and has_messages:
+        raise UserError(f"{source}: data.chat_template=never, but the records hold chat messages, which need the template")
+    chat = setting == "always" or (setting == "auto" and (has_messages or recorded == "chat"))
+    used = "chat" if chat else "plain"
+    if recorded is not None and recorded != used:
+        warnings.warn(
+            f"{source}: the model was trained on {recorded} prompts but this run uses {used} ones (data.chat_template={setting})",
+            stacklevel=2,
+        )
+    return chat
+
+
+def uses_messages(records: list[Any], fields: tuple[str, ...] = ("messages", "prompt", "completion", "chosen", "rejected")) -> bool:
+    """Whether any record (or any bare prompt) is a message list."""
+    for record in records:
+        values = [record.get(f) for f in fields] if isinstance(record, dict) else [record]
+        if any(isinstance(v, list) for v in values):
+            return True
+    return False
+
+
 def encode_prompt_completion(
-    tokenizer: Any, prompt: str | list[Message], completion: str | list[Message], where: str = "<record>"
+    tokenizer: Any, prompt: str | list[Message], completion: str | list[Message], where: str = "<record>", chat: bool | None = None
 ) -> tuple[list[int], list[int]]:
     """Token ids of a prompt and of its completion, tokenized separately so the boundary is exact.
 
-    Plain strings: the prompt gets the tokenizer's usual special tokens (BOS) and the completion
-    gets EOS appended. If either side is a message list, both go through the chat template
-    (`render_prompt_completion`) and the template's own end-of-turn text ends the reply.
+    Plain (`chat=False`): the prompt gets the tokenizer's usual special tokens (BOS) and the
+    completion gets EOS appended. Chat (`chat=True`): both go through the chat template
+    (`render_prompt_completion`; a string is a user / assistant message) and the template's
+    own end-of-turn text ends the reply. `chat=None` uses the template only when a side is a
+    message list.
     """
-    if isinstance(prompt, str) and isinstance(completion, str):
+    if chat is None:
+        chat = not (isinstance(prompt, str) and isinstance(completion, str))
+    if not chat:
+        if not (isinstance(prompt, str) and isinstance(completion, str)):
+            raise UserError(f"{where}: chat messages need the chat template (data.chat_template=never)")
         prompt_ids = list(tokenizer(prompt)["input_ids"])
         completion_ids = list(tokenizer(completion, add_special_tokens=False)["input_ids"])
         if tokenizer.eos_token_id is not None:

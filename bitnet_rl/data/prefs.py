@@ -19,21 +19,22 @@ PrefExample = dict[str, list[int]]
 
 
 def tokenize_prefs(
-    records: list[dict[str, Any]], tokenizer: Any, max_prompt_length: int, max_length: int
+    records: list[dict[str, Any]], tokenizer: Any, max_prompt_length: int, max_length: int, chat: bool | None = None
 ) -> list[PrefExample]:
     """Tokenize validated prefs records into `{prompt_ids, chosen_ids, rejected_ids}`.
 
     A prompt over `max_prompt_length` is an error rather than silently cut, because cutting
     a prompt changes the question both answers respond to. Completions are cut so that
-    prompt + completion fits `max_length`.
+    prompt + completion fits `max_length`. `chat` renders every pair with the chat template
+    (None: only pairs holding message lists).
     """
     if not 0 < max_prompt_length < max_length:
         raise UserError(f"need 0 < max_prompt_length < max_length, got {max_prompt_length} and {max_length}")
     examples = []
     for index, record in enumerate(records):
         where = where_of(record, index)
-        prompt_ids, chosen_ids = encode_prompt_completion(tokenizer, record["prompt"], record["chosen"], where)
-        _, rejected_ids = encode_prompt_completion(tokenizer, record["prompt"], record["rejected"], where)
+        prompt_ids, chosen_ids = encode_prompt_completion(tokenizer, record["prompt"], record["chosen"], where, chat=chat)
+        _, rejected_ids = encode_prompt_completion(tokenizer, record["prompt"], record["rejected"], where, chat=chat)
         if len(prompt_ids) > max_prompt_length:
             raise UserError(
                 f"{where}: field 'prompt' is {len(prompt_ids)} tokens, over max_prompt_length={max_prompt_length}"
@@ -42,6 +43,24 @@ def tokenize_prefs(
         examples.append(
             {"prompt_ids": prompt_ids, "chosen_ids": chosen_ids[:room], "rejected_ids": rejected_ids[:room]}
         )
+    return examples
+
+
+def model_pref_examples(records: list[dict[str, Any]], fmt: str, tokenizer: Any, model: Any, data: Any) -> list[PrefExample]:
+    """Preference examples for training `model` (DPO policy or reward model) as the recipe's `data` says.
+
+    The chat setting is resolved against the model's recorded prompt format and recorded on the
+    model (its checkpoints then say what it was trained on); pairs must fit the model's context.
+    """
+    from bitnet_rl.data.load import check_fits_context, choose_chat
+    from bitnet_rl.data.prompts import context_length
+    from bitnet_rl.models.io import prompt_format_of, set_prompt_format
+
+    chat = choose_chat(data, records, fmt, prompt_format_of(model))
+    set_prompt_format(model, "chat" if chat else "plain")
+    examples = tokenize_prefs(records, tokenizer, data.max_prompt_length, data.max_length, chat=chat)
+    longest = max(len(e["prompt_ids"]) + max(len(e["chosen_ids"]), len(e["rejected_ids"])) for e in examples)
+    check_fits_context(longest, context_length(model), data.path or "data")
     return examples
 
 

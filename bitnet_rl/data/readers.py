@@ -26,10 +26,30 @@ def where_of(record: dict[str, Any], index: int | None = None, source: str = "<r
     return source if index is None else f"{source}:{index + 1}"
 
 
+def _utf8_error(path: Path, raw: bytes, error: UnicodeDecodeError, line_offset: int = 0) -> UserError:
+    """`file:LINE: not valid UTF-8 (byte 0x.. at column N)` for a decode error at `error.start` in `raw`."""
+    line = line_offset + raw.count(b"\n", 0, error.start) + 1
+    column = error.start - (raw.rfind(b"\n", 0, error.start) + 1) + 1
+    return UserError(f"{path}:{line}: not valid UTF-8 (byte 0x{raw[error.start]:02x} at column {column}); save the file as UTF-8")
+
+
+def read_text_utf8(path: Path) -> str:
+    """A whole file as UTF-8 text; an invalid byte is a `UserError` naming its line."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise _utf8_error(path, raw, error) from None
+
+
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     records = []
-    with path.open(encoding="utf-8") as lines:
-        for line_number, line in enumerate(lines, start=1):
+    with path.open("rb") as raw_lines:
+        for line_number, raw in enumerate(raw_lines, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise _utf8_error(path, raw, error, line_offset=line_number - 1) from None
             if not line.strip():
                 continue
             try:
@@ -44,7 +64,7 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 def _read_json(path: Path) -> list[dict[str, Any]]:
     try:
-        content = json.loads(path.read_text(encoding="utf-8"))
+        content = json.loads(read_text_utf8(path))
     except json.JSONDecodeError as error:
         raise UserError(f"{path}:{error.lineno}: invalid JSON ({error.msg}, column {error.colno})") from None
     if isinstance(content, dict) and "data" in content:
@@ -58,8 +78,10 @@ def _read_json(path: Path) -> list[dict[str, Any]]:
 
 
 def _read_csv(path: Path) -> list[dict[str, Any]]:
+    import io
+
     records = []
-    with path.open(encoding="utf-8", newline="") as handle:
+    with io.StringIO(read_text_utf8(path), newline="") as handle:
         reader = csv.DictReader(handle)
         try:
             for row in reader:  # line_num is the row's last line (its only one, unless quoted newlines)

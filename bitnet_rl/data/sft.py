@@ -28,9 +28,9 @@ def _text_example(record: dict[str, Any], tokenizer: Any) -> Example:
     return {"input_ids": input_ids, "labels": list(input_ids)}
 
 
-def _pair_example(record: dict[str, Any], tokenizer: Any, train_on_prompt: bool, where: str) -> Example:
+def _pair_example(record: dict[str, Any], tokenizer: Any, train_on_prompt: bool, where: str, chat: bool | None = None) -> Example:
     completion = record["completion"] if "completion" in record else record["response"]
-    prompt_ids, completion_ids = encode_prompt_completion(tokenizer, record["prompt"], completion, where)
+    prompt_ids, completion_ids = encode_prompt_completion(tokenizer, record["prompt"], completion, where, chat=chat)
     prompt_labels = prompt_ids if train_on_prompt else [IGNORE_INDEX] * len(prompt_ids)
     return {"input_ids": prompt_ids + completion_ids, "labels": prompt_labels + completion_ids}
 
@@ -46,12 +46,13 @@ def _messages_example(record: dict[str, Any], tokenizer: Any, train_on_prompt: b
 
 
 def tokenize_sft(
-    records: list[dict[str, Any]], tokenizer: Any, fmt: str, max_length: int, train_on_prompt: bool = False
+    records: list[dict[str, Any]], tokenizer: Any, fmt: str, max_length: int, train_on_prompt: bool = False, chat: bool | None = None
 ) -> list[Example]:
     """Tokenize validated records of format `fmt` into `{input_ids, labels}` of at most `max_length`.
 
     Completions (and plain text) end with EOS so the model learns to stop; chat turns end with
-    the template's end-of-turn text. Examples whose trainable tokens were all cut by truncation
+    the template's end-of-turn text. `chat` renders prompt/completion pairs with the chat template
+    (None: only pairs holding message lists). Examples whose trainable tokens were all cut by truncation
     are dropped with one warning, since they would only add a zero-token loss.
     """
     if max_length < 2:
@@ -62,7 +63,7 @@ def tokenize_sft(
         if fmt == "text":
             example = _text_example(record, tokenizer)
         elif fmt == "prompt_completion":
-            example = _pair_example(record, tokenizer, train_on_prompt, where)
+            example = _pair_example(record, tokenizer, train_on_prompt, where, chat)
         elif fmt == "messages":
             example = _messages_example(record, tokenizer, train_on_prompt, where)
         else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterable
 
 import torch
 
@@ -28,13 +29,30 @@ def resolve_model_dir(path: str | Path) -> Path:
     return path
 
 
-def build_policy(model_cfg: ModelConfig, quant: QuantConfig, lam: float, device: str | torch.device = "cpu", seed: int = 0):
-    """(policy with BitLinear projections, tokenizer) as the recipe's `model` section says."""
+def build_policy(
+    model_cfg: ModelConfig,
+    quant: QuantConfig,
+    lam: float,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    texts: Iterable[str] | None = None,
+):
+    """(policy with BitLinear projections, tokenizer) as the recipe's `model` section says.
+
+    A tiny model's tokenizer is trained on `model.tiny.tokenizer_data` if set, else on `texts`
+    (the run's own data), else on the demo corpus.
+    """
     dtype = resolve_dtype(model_cfg.dtype, device)
     if model_cfg.tiny is not None:
-        from bitnet_rl.models.tiny import tiny_bitnet
+        from bitnet_rl.models.tiny import tiny_bitnet, tiny_tokenizer
 
-        model, tokenizer = tiny_bitnet(shape=model_cfg.tiny, seed=seed)
+        tiny = model_cfg.tiny
+        if tiny.tokenizer_data:
+            from bitnet_rl.data.load import corpus_texts
+
+            texts = corpus_texts(tiny.tokenizer_data, "model.tiny.tokenizer_data")
+        tokenizer = tiny_tokenizer(list(texts) if texts is not None else None, vocab_size=tiny.tokenizer_vocab_size)
+        model, tokenizer = tiny_bitnet(shape=tiny, seed=seed, tokenizer=tokenizer)
         return quantize_model(model, quant, lam).to(device=device, dtype=dtype), tokenizer
     if not model_cfg.path:
         raise UserError("model.path is not set (give --model DIR, model.path=DIR or model.tiny)")

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from bitnet_rl.models.build import resolve_model_dir
-from bitnet_rl.models.io import load_policy, read_config
+from bitnet_rl.models.io import KINDS, load_policy, model_kind, prompt_format_of, read_config
 from bitnet_rl.quant.bitlinear import bitlinear_modules
 from bitnet_rl.quant.health import ternary_health
 
@@ -26,7 +26,13 @@ def memory_bytes(model: torch.nn.Module) -> dict[str, int]:
 def model_summary(path: str | Path) -> str:
     path = resolve_model_dir(path)
     raw = read_config(path)
-    model = load_policy(path, dtype=torch.bfloat16)
+    kind = model_kind(raw)
+    if kind == "policy":
+        model = load_policy(path, dtype=torch.bfloat16)
+    else:
+        from bitnet_rl.models.value import load_scalar_model
+
+        model = load_scalar_model(path, dtype=torch.bfloat16, kinds=(kind,))
     total = sum(p.numel() for p in model.parameters())
     quantized = sum(m.weight.numel() for _, m in bitlinear_modules(model))
     report = ternary_health(model)
@@ -35,6 +41,7 @@ def model_summary(path: str | Path) -> str:
     quant = raw.get("quantization_config") or {}
     lines = [
         f"model:        {path}",
+        f"kind:         {KINDS[kind]}" + (f", trained on {prompt_format_of(raw)} prompts" if prompt_format_of(raw) else ""),
         f"architecture: {type(model).__name__} ({raw.get('model_type')}), layers={raw.get('num_hidden_layers')}, "
         f"hidden={raw.get('hidden_size')}, heads={raw.get('num_attention_heads')}/{raw.get('num_key_value_heads')}, "
         f"vocab={raw.get('vocab_size')}",

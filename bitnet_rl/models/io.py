@@ -5,11 +5,13 @@ A checkpoint is a Hugging Face model directory whose `config.json` carries
 "quantization_mode": "online"}`: plain `transformers` loads it as a quantized BitNet model
 (AutoBitLinear, online absmean/absmax) and computes what our BitLinear computes at λ = 1 with
 per-tensor scales. Our own settings (granularity, group size, activation quantization) ride
-along under `config.json`'s `bitnet_rl` key.
+along under `config.json`'s `bitnet_rl` key, with the directory's kind (`policy`,
+`reward_model` or `critic`) and the prompt format it was trained on (`chat` or `plain`).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -20,7 +22,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from bitnet_rl.errors import UserError
 from bitnet_rl.models.convert import quantize_model
@@ -30,6 +32,7 @@ from bitnet_rl.recipe import QuantConfig
 
 ONLINE_QUANT_CONFIG = {"quant_method": "bitnet", "linear_class": "autobitlinear", "quantization_mode": "online"}
 OUR_KEY = "bitnet_rl"
+KINDS = {"policy": "a policy (causal LM)", "reward_model": "a reward model", "critic": "a critic (value model)"}
 
 
 def read_config(path: str | Path) -> dict[str, Any]:
@@ -59,6 +62,70 @@ def clean_config(path: Path, raw: dict[str, Any]):
     return config_class.from_dict(clean)
 
 
+def model_kind(raw_config: dict[str, Any]) -> str:
+    """`policy`, `reward_model` or `critic`: recorded by bitnet-rl, else read from `architectures`."""
+    saved = (raw_config.get(OUR_KEY) or {}).get("kind")
+    if saved in KINDS:
+        return saved
+    archs = raw_config.get("architectures") or []
+    return "reward_model" if any(a.endswith("ForSequenceClassification") for a in archs) else "policy"
+
+
+def require_kind(path: Path, raw_config: dict[str, Any], allowed: tuple[str, ...], hint: str) -> str:
+    """The directory's kind, or a one-line error when it is not one of `allowed`."""
+    kind = model_kind(raw_config)
+    if kind not in allowed:
+        raise UserError(f"{path} is {KINDS[kind]}, not {' or '.join(KINDS[a] for a in allowed)}: {hint}")
+    return kind
+
+
+def carry_record(model: nn.Module, raw_config: dict[str, Any]) -> nn.Module:
+    """Keep what a checkpoint recorded about its training data on the loaded model, so the next save keeps it."""
+    record = {k: v for k, v in (raw_config.get(OUR_KEY) or {}).items() if k == "prompt_format"}
+    model.config.bitnet_rl = record
+    return model
+
+
+def prompt_format_of(model_or_config: Any) -> str | None:
+    """`chat` or `plain` as recorded in a checkpoint (raw config dict or loaded model), None if unknown."""
+    if isinstance(model_or_config, dict):
+        return (model_or_config.get(OUR_KEY) or {}).get("prompt_format")
+    return (getattr(model_or_config.config, "bitnet_rl", None) or {}).get("prompt_format")
+
+
+def set_prompt_format(model: nn.Module, prompt_format: str) -> None:
+    """Record the prompt format (`chat` / `plain`) a model is being trained on; saved with its checkpoints."""
+    model.config.bitnet_rl = {**(getattr(model.config, "bitnet_rl", None) or {}), "prompt_format": prompt_format}
+
+
+def check_weight_files(path: Path) -> list[Path]:
+    """The directory's `*.safetensors` files, each with a readable header (truncated files fail here)."""
+    files = sorted(path.glob("*.safetensors"))
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as err:
+            raise UserError(f"{file}: unreadable safetensors file, truncated or corrupted ({str(err).splitlines()[0]})") from None
+    return files
+
+
+def read_weight_files(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a directory's `*.safetensors` files, with a one-line error for a broken file."""
+    from safetensors.torch import load_file
+
+    files = check_weight_files(path)
+    if not files:
+        raise UserError(f"{path}: no .safetensors weights found")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        try:
+            state.update(load_file(str(file)))
+        except (SafetensorError, OSError) as err:
+            raise UserError(f"{file}: unreadable safetensors file, truncated or corrupted ({str(err).splitlines()[0]})") from None
+    return state
+
+
 def saved_quant(raw_config: dict[str, Any]) -> QuantConfig:
     """The quantization a bitnet-rl checkpoint was trained with (per-tensor int8 when it records none)."""
     saved = raw_config.get(OUR_KEY, {}).get("quant")
@@ -85,8 +152,10 @@ def load_policy(
 
     path = Path(path)
     raw = read_config(path)
+    require_kind(path, raw, ("policy",), "give a policy directory (a base model or OUT/final of sft, dpo or ppo)")
     lam = check_lambda(lam)
     config = clean_config(path, raw)
+    check_weight_files(path)
     quant = quant or saved_quant(raw)
     qcfg = raw.get("quantization_config") or {}
     if qcfg and qcfg.get("quant_method") != "bitnet":
@@ -98,8 +167,9 @@ def load_policy(
     else:
         try:
             model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype)
-        except OSError as err:
+        except (OSError, SafetensorError) as err:
             raise UserError(f"{path}: cannot load weights ({str(err).splitlines()[0]})") from None
+    carry_record(model, raw)
     quantize_model(model, quant, lam)
     if not bitlinear_modules(model):
         raise UserError(f"{path}: no q/k/v/o/gate/up/down projections found to quantize in {type(model).__name__}")
@@ -113,14 +183,7 @@ def _load_offline_packed(model: nn.Module, path: Path, linear_class: str) -> Non
     The dequantized weight is `codes · a`; we store master weights `codes · a / p` (p = share of
     nonzero codes) so that absmean requantization returns exactly `codes` and scale `a`.
     """
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise UserError(f"{path}: no .safetensors weights found")
-    tensors: dict[str, torch.Tensor] = {}
-    for file in files:
-        with safe_open(str(file), framework="pt") as handle:
-            for key in handle.keys():
-                tensors[key] = handle.get_tensor(key)
+    tensors = read_weight_files(path)
     params = dict(model.named_parameters())
     state = {}
     for key, value in tensors.items():
@@ -187,13 +250,16 @@ def commit_dir(tmp: Path, out_dir: Path) -> Path:
     return out_dir
 
 
-def save_checkpoint(model: nn.Module, tokenizer, out_dir: str | Path, extra: dict[str, Any] | None = None) -> Path:
+def save_checkpoint(model: nn.Module, tokenizer, out_dir: str | Path, extra: dict[str, Any] | None = None, kind: str | None = None) -> Path:
     """Write a Hugging Face directory (safetensors, config, tokenizer, generation config) atomically.
 
     `extra` maps relative file names to callables `fn(path)` that write more files into the
-    temporary directory before it is moved into place (e.g. `trainer_state/`).
+    temporary directory before it is moved into place (e.g. `trainer_state/`). `kind` (policy,
+    reward_model, critic; default from the model class) is recorded in `config.json`. A full
+    disk or a read-only directory is a one-line `UserError` naming the directory.
     """
     tmp, final = atomic_dir(out_dir)
+    kind = kind or ("reward_model" if type(model).__name__.endswith("ForSequenceClassification") else "policy")
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
@@ -201,19 +267,45 @@ def save_checkpoint(model: nn.Module, tokenizer, out_dir: str | Path, extra: dic
         config_file = tmp / "config.json"
         config = json.loads(config_file.read_text())
         quant = quant_config_from_model(model)
+        ours = {**(config.get(OUR_KEY) or {}), **(getattr(model.config, OUR_KEY, None) or {}), "kind": kind}
         if bitlinear_modules(model):
             config["quantization_config"] = dict(ONLINE_QUANT_CONFIG)
-            config[OUR_KEY] = {"quant": quant.layer_settings()}
+            ours["quant"] = quant.layer_settings()
             if quant.granularity != "per_tensor" or quant.activations != "int8":
                 warnings.warn(
                     f"{final}: plain transformers applies per-tensor scales and int8 activations; this model was trained "
                     f"with {quant.granularity}/{quant.activations}, so only bitnet-rl reproduces its exact function",
                     stacklevel=2,
                 )
+        config[OUR_KEY] = ours
         config_file.write_text(json.dumps(config, indent=2, sort_keys=True))
         for name, write in (extra or {}).items():
             write(tmp / name)
-    except BaseException:
+    except BaseException as err:
+        full = disk_full(err, final.parent)
         shutil.rmtree(tmp, ignore_errors=True)
+        if full:
+            raise UserError(f"disk full: no space left on device in {final.parent} while writing {final.name} (free space, then --resume latest)") from None
+        if isinstance(err, OSError) and err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise UserError(f"cannot write {final}: {err.strerror}") from None
         raise
     return commit_dir(tmp, final)
+
+
+def disk_full(err: BaseException, directory: Path, low_bytes: int = 64 * 2**20) -> bool:
+    """Whether `err` means the disk is full: ENOSPC/EDQUOT anywhere in its chain, or an OSError /
+    RuntimeError while under `low_bytes` are free (torch's zip writer reports a full disk as
+    `inline_container.cc` "unexpected pos" or "file write failed", without an errno)."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    if isinstance(err, (OSError, RuntimeError)):  # e.g. "[enforce fail at inline_container.cc:672] . unexpected pos 3584 vs 3476"
+        try:
+            return shutil.disk_usage(directory).free < low_bytes
+        except OSError:
+            return False
+    return False

@@ -41,7 +41,7 @@ def tiny_bitnet(out_dir: str | Path | None = None, shape: TinyModelConfig | None
     shape = shape or TinyModelConfig()
     tokenizer = tokenizer or tiny_tokenizer()
     config = BitNetConfig(
-        **shape.model_dump(),
+        **shape.shape(),
         **_special_ids(tokenizer),
         max_position_embeddings=512,
         tie_word_embeddings=False,
@@ -61,7 +61,7 @@ def tiny_llama(out_dir: str | Path | None = None, shape: TinyModelConfig | None 
 
     shape = shape or TinyModelConfig()
     tokenizer = tokenizer or tiny_tokenizer()
-    config = LlamaConfig(**shape.model_dump(), **_special_ids(tokenizer), max_position_embeddings=512)
+    config = LlamaConfig(**shape.shape(), **_special_ids(tokenizer), max_position_embeddings=512)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -4,7 +4,8 @@ Both are a causal LM's backbone with a linear `score` head, in the layout of tra
 `*ForSequenceClassification` (num_labels = 1), so any architecture with such a class works
 and a saved reward model is a normal HF directory. transformers has no BitNet class for it:
 `BitNetForSequenceClassification` below is its generic implementation on the BitNet backbone
-(load saved BitNet reward models with `load_scalar_model`).
+(load saved BitNet reward models with `load_scalar_model`, or in plain transformers after
+`register_auto_classes()`).
 
 We pool scores ourselves from the attention mask (the last real token), not from
 `pad_token_id`, which breaks when pad and EOS share an id.
@@ -19,7 +20,7 @@ import torch.nn as nn
 
 from bitnet_rl.errors import UserError
 from bitnet_rl.models.convert import quantize_model
-from bitnet_rl.models.io import clean_config, load_policy, read_config, saved_quant
+from bitnet_rl.models.io import carry_record, check_weight_files, clean_config, load_policy, read_config, require_kind, saved_quant
 from bitnet_rl.recipe import QuantConfig
 
 
@@ -29,6 +30,17 @@ from transformers.modeling_layers import GenericForSequenceClassification  # noq
 
 class BitNetForSequenceClassification(GenericForSequenceClassification, BitNetPreTrainedModel):
     """BitNet backbone + linear `score` head (transformers' generic sequence classifier)."""
+
+
+def register_auto_classes() -> None:
+    """Let `AutoModelForSequenceClassification.from_pretrained(DIR)` load a BitNet reward model.
+
+    transformers has no BitNet sequence classifier; this registers ours for `BitNetConfig`.
+    Reward models of other architectures (Llama, Qwen, ...) load without it.
+    """
+    from transformers import AutoModelForSequenceClassification, BitNetConfig
+
+    AutoModelForSequenceClassification.register(BitNetConfig, BitNetForSequenceClassification, exist_ok=True)
 
 
 def classifier_class(model_type: str):
@@ -68,6 +80,7 @@ def load_scalar_model(
     device: str | torch.device = "cpu",
     seed: int = 0,
     head: str = "normal",
+    kinds: tuple[str, ...] = ("policy", "reward_model"),
 ) -> nn.Module:
     """A scalar-head model with BitLinear projections.
 
@@ -76,6 +89,8 @@ def load_scalar_model(
     """
     path = Path(path)
     raw = read_config(path)
+    hint = "give OUT/final of `bitnet-rl rm`" if kinds == ("reward_model",) else "give a policy or a reward-model directory"
+    require_kind(path, raw, kinds, hint)
     archs = raw.get("architectures") or []
     config = clean_config(path, raw)
     config.num_labels = 1
@@ -83,11 +98,12 @@ def load_scalar_model(
     if any(a.endswith("ForSequenceClassification") for a in archs):
         if (raw.get("quantization_config") or {}).get("quantization_mode") == "offline":
             raise UserError(f"{path}: offline-packed reward models are not supported; save it with master weights")
+        check_weight_files(path)
         try:
             model = classifier_class(config.model_type).from_pretrained(path, config=config, dtype=dtype)
         except (OSError, ValueError) as err:
             raise UserError(f"{path}: cannot load a reward model ({str(err).splitlines()[0]})") from None
-        return quantize_model(model, quant, lam).to(device)
+        return carry_record(quantize_model(model, quant, lam), raw).to(device)
     causal = load_policy(path, quant=quant, lam=lam, dtype=dtype, device="cpu")
     try:
         cls = classifier_class(config.model_type)
@@ -95,6 +111,7 @@ def load_scalar_model(
     except ValueError as err:
         raise UserError(f"{path}: {raw.get('model_type')} has no sequence-classification head ({err})") from None
     setattr(model, model.base_model_prefix, backbone(causal))
+    carry_record(model, raw)
     if head == "zero":  # a critic starts at V = 0, so its first advantages are the returns themselves
         nn.init.zeros_(model.score.weight)
     else:  # a reward model needs a random head (std 1/sqrt(H+1)): a zero head passes no gradient to the backbone

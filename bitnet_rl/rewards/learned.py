@@ -15,7 +15,7 @@ import torch
 from bitnet_rl.data.batching import right_pad
 from bitnet_rl.data.chat import encode_prompt_completion
 from bitnet_rl.models.frozen import frozen_ternary_copy
-from bitnet_rl.models.io import load_tokenizer
+from bitnet_rl.models.io import load_tokenizer, prompt_format_of
 from bitnet_rl.models.value import load_scalar_model, sequence_scores
 from bitnet_rl.rewards.base import checked_scores
 
@@ -25,7 +25,8 @@ STATS_FILE = "reward_stats.json"
 class LearnedReward:
     def __init__(self, path: str | Path, device: str | torch.device = "cpu", normalize: bool = True, batch_size: int = 32) -> None:
         self.name = str(path)
-        model = load_scalar_model(path, device="cpu")
+        model = load_scalar_model(path, device="cpu", kinds=("reward_model",))
+        self.chat = {"chat": True, "plain": False}.get(prompt_format_of(model))  # as it was trained; None: per pair
         self.model = frozen_ternary_copy(model).to(device)
         del model
         self.tokenizer = load_tokenizer(path)
@@ -38,7 +39,7 @@ class LearnedReward:
     def raw_scores(self, prompts: Sequence[Any], completions: Sequence[str]) -> torch.Tensor:
         rows = []
         for prompt, completion in zip(prompts, completions):
-            prompt_ids, completion_ids = encode_prompt_completion(self.tokenizer, prompt, completion)
+            prompt_ids, completion_ids = encode_prompt_completion(self.tokenizer, prompt, completion, chat=self.chat)
             rows.append(prompt_ids + completion_ids)
         out = []
         for start in range(0, len(rows), self.batch_size):

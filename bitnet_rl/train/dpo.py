@@ -16,8 +16,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from bitnet_rl.data.load import load_records
-from bitnet_rl.data.prefs import PrefCollator, tokenize_prefs
+from bitnet_rl.data.load import load_records, tokenizer_texts
+from bitnet_rl.data.prefs import PrefCollator, model_pref_examples
 from bitnet_rl.data.sft import train_val_split
 from bitnet_rl.data.tokenizer import pad_id
 from bitnet_rl.models.build import build_policy
@@ -26,6 +26,7 @@ from bitnet_rl.models.frozen import frozen_ternary_copy
 from bitnet_rl.recipe import DPOConfig, Recipe
 from bitnet_rl.rl.losses import dpo_loss, sequence_logps
 from bitnet_rl.train.loop import Stage, current_lambda, train
+from bitnet_rl.train.rundir import check_run
 
 # Defaults for `bitnet-rl dpo` without a recipe (TRL's DPO defaults where they apply).
 DPO_DEFAULTS: dict[str, Any] = {
@@ -133,13 +134,15 @@ def make_reference(policy: nn.Module, kind: str) -> nn.Module | None:
     return None
 
 
-def run_dpo(recipe: Recipe, resume: str | None = None, device: str | None = None) -> Path:
+def run_dpo(recipe: Recipe, resume: str | None = None, device: str | None = None, overwrite: bool = False) -> Path:
     """DPO of the recipe's policy on its preference data; returns the final checkpoint directory."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = build_policy(recipe.model, recipe.quant, lam=current_lambda(recipe, 0), device=device, seed=recipe.train.seed)
+    check_run(recipe.out, "dpo", resume, overwrite)  # OUT and --resume, before loading anything
     data, cfg = recipe.data, recipe.dpo
-    records, _ = load_records(data, data.path, "prefs", seed=recipe.train.seed)
-    examples = tokenize_prefs(records, tokenizer, data.max_prompt_length, data.max_length)
+    records, fmt = load_records(data, data.path, "prefs", seed=recipe.train.seed)
+    texts = tokenizer_texts(data.path, records)
+    model, tokenizer = build_policy(recipe.model, recipe.quant, lam=current_lambda(recipe, 0), device=device, seed=recipe.train.seed, texts=texts)
+    examples = model_pref_examples(records, fmt, tokenizer, model, data)
     train_examples, val_examples = train_val_split(examples, data.val_fraction, recipe.train.seed)
     collate = DPOCollator(pad_id(tokenizer))
     reference = make_reference(model, cfg.reference)
@@ -155,4 +158,4 @@ def run_dpo(recipe: Recipe, resume: str | None = None, device: str | None = None
         eval_fn=(lambda m: evaluate_pairs(m, reference, val_examples, collate, cfg)) if val_examples else None,
         extra_modules={"reference": reference} if reference is not None else {},
     )
-    return train(stage, recipe, resume=resume)
+    return train(stage, recipe, resume=resume, overwrite=overwrite)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -29,6 +28,7 @@ from bitnet_rl.quant.bitlinear import set_lambda
 from bitnet_rl.quant.health import code_snapshot, ternary_health
 from bitnet_rl.quant.schedule import lambda_at
 from bitnet_rl.recipe import Recipe
+from bitnet_rl.train.rundir import begin_run, check_not_finished, check_run, find_checkpoint, load_trainer_file, prune_checkpoints  # noqa: F401 (re-exported)
 
 # loss_fn(model, batch) -> (loss to backpropagate, stats to log, tokens in the batch)
 LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, Any], int]]
@@ -130,27 +130,16 @@ def build_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe, total_step
     )
 
 
-def find_checkpoint(out_dir: Path, resume: str) -> Path:
-    """`latest` → the furthest resumable checkpoint in OUT (`checkpoints/step-*` or `final`); else a path."""
-    if resume == "latest":
-        found = [p for p in [*(out_dir / "checkpoints").glob("step-*"), out_dir / "final"] if (p / "trainer_state" / "state.json").is_file()]
-        if not found:
-            raise UserError(f"--resume latest: no checkpoints in {out_dir / 'checkpoints'} nor {out_dir / 'final'}")
-        return max(found, key=lambda p: json.loads((p / "trainer_state" / "state.json").read_text())["step"])
-    path = Path(resume)
-    if not (path / "trainer_state" / "state.json").is_file():
-        raise UserError(f"--resume {resume}: not a bitnet-rl checkpoint (no trainer_state/state.json)")
-    return path
-
-
 def load_weights(model: nn.Module, checkpoint: Path) -> None:
-    """Copy a checkpoint's safetensors into `model` (same architecture), checking every key."""
-    from safetensors.torch import load_file
+    """Copy a checkpoint's safetensors into `model` (same architecture), checking every key and shape."""
+    from bitnet_rl.models.io import read_weight_files
 
-    state: dict[str, torch.Tensor] = {}
-    for file in sorted(checkpoint.glob("*.safetensors")):
-        state.update(load_file(str(file)))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    state = read_weight_files(checkpoint)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatches: name the first one
+        detail = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), str(err).splitlines()[0])
+        raise UserError(f"{checkpoint}: weights do not match the model being trained ({detail.rstrip('.')})") from None
     tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
     if set(missing) - tied or unexpected:
         raise UserError(f"{checkpoint}: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
@@ -171,20 +160,24 @@ class Stage:
     final_files: Callable[[nn.Module], dict[str, Callable[[Path], None]]] | None = None  # more files for OUT/final
 
 
-def train(stage: Stage, recipe: Recipe, resume: str | None = None) -> Path:
-    """Run `recipe.train.max_steps` optimizer steps; returns the final model directory `OUT/final`."""
+def train(stage: Stage, recipe: Recipe, resume: str | None = None, overwrite: bool = False) -> Path:
+    """Run `recipe.train.max_steps` optimizer steps; returns the final model directory `OUT/final`.
+
+    `resume` continues OUT (`latest` or a checkpoint dir); `overwrite` replaces a previous run in OUT.
+    """
     out_dir = Path(recipe.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = check_run(out_dir, stage.name, resume, overwrite)
     accelerator = make_accelerator(recipe, out_dir)
     model, tcfg = stage.model, recipe.train
     if tcfg.epochs is not None:
         per_step = tcfg.batch_size * tcfg.grad_accum * accelerator.num_processes
         tcfg.max_steps = max(1, math.ceil(tcfg.epochs * len(stage.examples) / per_step))
     state = LoopState()
-    checkpoint = find_checkpoint(out_dir, resume) if resume else None
     if checkpoint is not None:
-        load_weights(model, checkpoint)
         state = LoopState(**json.loads((checkpoint / "trainer_state" / "state.json").read_text()))
+        check_not_finished(checkpoint, state.step, tcfg.max_steps)
+        load_weights(model, checkpoint)
+    begin_run(out_dir, recipe, stage.name, checkpoint, overwrite)
     if tcfg.gradient_checkpointing:
         enable_checkpointing(model)
     optimizer = build_optimizer(model, recipe)
@@ -195,8 +188,8 @@ def train(stage: Stage, recipe: Recipe, resume: str | None = None) -> Path:
     torch.manual_seed(tcfg.seed)
     if checkpoint is not None:
         trainer_dir = checkpoint / "trainer_state"
-        optimizer.load_state_dict(torch.load(trainer_dir / "optimizer.pt", map_location=accelerator.device, weights_only=True))
-        scheduler.load_state_dict(torch.load(trainer_dir / "scheduler.pt", weights_only=True))
+        optimizer.load_state_dict(load_trainer_file(trainer_dir / "optimizer.pt", map_location=accelerator.device, weights_only=True))
+        scheduler.load_state_dict(load_trainer_file(trainer_dir / "scheduler.pt", weights_only=True))
         load_rng(trainer_dir / "rng.pt")
     (out_dir / "recipe.json").write_text(recipe.model_dump_json(indent=2))
 
@@ -301,17 +294,11 @@ def save_rng(path: Path) -> None:
 
 
 def load_rng(path: Path) -> None:
-    rng = torch.load(path, weights_only=False)
+    rng = load_trainer_file(path, weights_only=False)
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])
     if torch.cuda.is_available() and rng.get("cuda") is not None:
         torch.cuda.set_rng_state_all(rng["cuda"])
-
-
-def prune_checkpoints(root: Path, keep_last: int) -> None:
-    """Delete all but the newest `keep_last` `step-*` checkpoints under `root`."""
-    for old in sorted(root.glob("step-*"))[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _state_writer(optimizer, scheduler, state: LoopState) -> Callable[[Path], None]:

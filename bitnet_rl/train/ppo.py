@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from bitnet_rl.data.prompts import encode_prompt, load_prompts
+from bitnet_rl.data.prompts import load_prompts, rollout_prompt_ids
 from bitnet_rl.data.tokenizer import pad_id
 from bitnet_rl.errors import UserError
 from bitnet_rl.models.build import build_policy, resolve_dtype, resolve_model_dir
@@ -43,13 +43,13 @@ from bitnet_rl.train.loop import (
     build_optimizer,
     build_scheduler,
     current_lambda,
-    find_checkpoint,
     load_rng,
     load_weights,
     make_accelerator,
     prune_checkpoints,
     save_rng,
 )
+from bitnet_rl.train.rundir import begin_run, check_not_finished, check_run
 
 PPO_DEFAULTS: dict[str, Any] = {
     "out": "runs/ppo",
@@ -97,7 +97,6 @@ class PPOTrainer:
             raise UserError(f"ppo.minibatch_size={cfg.minibatch_size} is not a multiple of ppo.micro_batch_size={cfg.micro_batch_size}")
         self.recipe, self.cfg = recipe, cfg
         self.out = Path(recipe.out)
-        self.out.mkdir(parents=True, exist_ok=True)
         self.accelerator = make_accelerator(recipe, self.out)
         device = device or self.accelerator.device
         self.policy, self.tokenizer = build_policy(recipe.model, recipe.quant, lam=current_lambda(recipe, 0), device=device, seed=recipe.train.seed)
@@ -105,7 +104,7 @@ class PPOTrainer:
         self.reward = reward or load_rewards([(r.weight, r.source) for r in cfg.rewards], device=device)
         self.critic = self._build_critic(device) if cfg.advantage == "gae" else None
         self.prompts = load_prompts(cfg.prompts or "demo", cfg.num_prompts, seed=recipe.train.seed)
-        self.prompt_ids = [encode_prompt(self.tokenizer, p) for p in self.prompts]
+        self.prompt_ids = rollout_prompt_ids(self.tokenizer, self.policy, self.prompts, recipe.data.chat_template, recipe.rollout.max_new_tokens, cfg.prompts or "demo")
         if recipe.train.gradient_checkpointing:
             enable_checkpointing(self.policy)
             if self.critic is not None:
@@ -275,11 +274,14 @@ class PPOTrainer:
         return stats
 
     # ---- loop, checkpoints ---------------------------------------------------------------
-    def train(self, resume: str | None = None, evaluate=None) -> Path:
+    def train(self, resume: str | None = None, evaluate=None, overwrite: bool = False) -> Path:
         cfg, recipe, acc = self.cfg, self.recipe, self.accelerator
         iteration = 0
-        if resume:
-            iteration = self._load(find_checkpoint(self.out, resume))
+        checkpoint = check_run(self.out, "ppo", resume, overwrite)
+        if checkpoint is not None:
+            iteration = self._load(checkpoint)
+            check_not_finished(checkpoint, iteration, cfg.iterations, key="ppo.iterations")
+        begin_run(self.out, recipe, "ppo", checkpoint, overwrite)
         metrics = MetricsLog(self.out / "metrics.jsonl", keep_until=iteration, accelerator=acc)
         (self.out / "recipe.json").write_text(recipe.model_dump_json(indent=2))
         if recipe.logging.report_to:
@@ -328,7 +330,7 @@ class PPOTrainer:
             torch.save(self.scheduler.state_dict(), trainer_dir / "scheduler.pt")
             if self.critic is not None:
                 torch.save(self.critic_optimizer.state_dict(), trainer_dir / "critic_optimizer.pt")
-                save_checkpoint(self.accelerator.unwrap_model(self.critic), None, trainer_dir / "critic")
+                save_checkpoint(self.accelerator.unwrap_model(self.critic), None, trainer_dir / "critic", kind="critic")
             save_rng(trainer_dir / "rng.pt")
             state = {**asdict(self.state), "extra": {"iteration": iteration, "kl_ctl": self.kl_ctl.state_dict()}}
             (trainer_dir / "state.json").write_text(json.dumps(state))
@@ -357,6 +359,7 @@ def _add(totals: dict[str, float], values: dict[str, float], weight: float) -> N
         totals[key] = totals.get(key, 0.0) + value * weight
 
 
-def run_ppo(recipe: Recipe, resume: str | None = None, reward: RewardSource | None = None, evaluate=None) -> Path:
+def run_ppo(recipe: Recipe, resume: str | None = None, reward: RewardSource | None = None, evaluate=None, overwrite: bool = False) -> Path:
     """PPO of the recipe's policy; returns the final checkpoint directory."""
-    return PPOTrainer(recipe, reward=reward).train(resume=resume, evaluate=evaluate)
+    check_run(recipe.out, "ppo", resume, overwrite)  # before loading anything
+    return PPOTrainer(recipe, reward=reward).train(resume=resume, evaluate=evaluate, overwrite=overwrite)

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bitnet_rl.data.load import load_records
-from bitnet_rl.data.prefs import PrefCollator, tokenize_prefs
+from bitnet_rl.data.prefs import PrefCollator, model_pref_examples
 from bitnet_rl.data.sft import train_val_split
 from bitnet_rl.data.tokenizer import pad_id
 from bitnet_rl.errors import UserError
@@ -27,6 +27,7 @@ from bitnet_rl.models.io import load_tokenizer
 from bitnet_rl.models.value import load_scalar_model, sequence_scores
 from bitnet_rl.recipe import Recipe
 from bitnet_rl.train.loop import Stage, current_lambda, train
+from bitnet_rl.train.rundir import check_run
 
 STATS_FILE = "reward_stats.json"
 RM_DEFAULTS: dict[str, Any] = {
@@ -90,9 +91,10 @@ def score_stats(model: nn.Module, examples: list[dict], collate) -> dict[str, fl
     return {"mean": float(scores.mean()), "std": float(scores.std().clamp(min=1e-6)), "count": scores.numel()}
 
 
-def run_rm(recipe: Recipe, resume: str | None = None, device: str | None = None) -> Path:
+def run_rm(recipe: Recipe, resume: str | None = None, device: str | None = None, overwrite: bool = False) -> Path:
     """Train a reward model on the recipe's preference data; returns its directory (`OUT/final`)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    check_run(recipe.out, "rm", resume, overwrite)  # OUT and --resume, before loading anything
     if not recipe.model.path:
         raise UserError("model.path is not set: give --model DIR (an SFT checkpoint or any causal/classifier LM)")
     path = resolve_model_dir(recipe.model.path)
@@ -100,8 +102,8 @@ def run_rm(recipe: Recipe, resume: str | None = None, device: str | None = None)
     model = load_scalar_model(path, quant=recipe.quant, lam=current_lambda(recipe, 0), dtype=dtype, device=device)
     tokenizer = load_tokenizer(path)
     data = recipe.data
-    records, _ = load_records(data, data.path, "prefs", seed=recipe.train.seed)
-    examples = tokenize_prefs(records, tokenizer, data.max_prompt_length, data.max_length)
+    records, fmt = load_records(data, data.path, "prefs", seed=recipe.train.seed)
+    examples = model_pref_examples(records, fmt, tokenizer, model, data)
     train_examples, val_examples = train_val_split(examples, data.val_fraction, recipe.train.seed)
     collate = PrefCollator(pad_id(tokenizer))
 
@@ -119,4 +121,4 @@ def run_rm(recipe: Recipe, resume: str | None = None, device: str | None = None)
         eval_fn=(lambda m: evaluate_rm(m, val_examples, collate)) if val_examples else None,
         final_files=final_files,
     )
-    return train(stage, recipe, resume=resume)
+    return train(stage, recipe, resume=resume, overwrite=overwrite)

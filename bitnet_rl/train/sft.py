@@ -17,12 +17,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bitnet_rl.data.load import load_records
+from bitnet_rl.data.load import check_fits_context, choose_chat, load_records, tokenizer_texts
+from bitnet_rl.data.prompts import context_length
 from bitnet_rl.data.sft import IGNORE_INDEX, SFTCollator, pack_examples, tokenize_sft, train_val_split
 from bitnet_rl.data.tokenizer import pad_id
 from bitnet_rl.models.build import build_policy
+from bitnet_rl.models.io import prompt_format_of, set_prompt_format
 from bitnet_rl.recipe import Recipe
 from bitnet_rl.train.loop import Stage, current_lambda, train
+from bitnet_rl.train.rundir import check_run
 
 
 def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,13 +70,19 @@ def evaluate_loss(model: nn.Module, examples: list[dict], collate, batch_size: i
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
 
 
-def run_sft(recipe: Recipe, resume: str | None = None, device: str | None = None) -> Path:
+def run_sft(recipe: Recipe, resume: str | None = None, device: str | None = None, overwrite: bool = False) -> Path:
     """Train the recipe's policy on its data; returns the final checkpoint directory."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = build_policy(recipe.model, recipe.quant, lam=current_lambda(recipe, 0), device=device, seed=recipe.train.seed)
+    check_run(recipe.out, "sft", resume, overwrite)  # OUT and --resume, before loading anything
     data = recipe.data
     records, fmt = load_records(data, data.path, "sft", seed=recipe.train.seed)
-    examples = tokenize_sft(records, tokenizer, fmt, data.max_length, data.train_on_prompt)
+    texts = tokenizer_texts(data.path, records)
+    model, tokenizer = build_policy(recipe.model, recipe.quant, lam=current_lambda(recipe, 0), device=device, seed=recipe.train.seed, texts=texts)
+    chat = choose_chat(data, records, fmt, prompt_format_of(model))
+    if chat is not None:
+        set_prompt_format(model, "chat" if chat else "plain")
+    examples = tokenize_sft(records, tokenizer, fmt, data.max_length, data.train_on_prompt, chat=chat)
+    check_fits_context(max(len(e["input_ids"]) for e in examples), context_length(model), data.path)
     train_examples, val_examples = train_val_split(examples, data.val_fraction, recipe.train.seed)
     if data.packing:
         train_examples = pack_examples(train_examples, data.max_length)
@@ -87,4 +96,4 @@ def run_sft(recipe: Recipe, resume: str | None = None, device: str | None = None
         loss_fn=sft_loss_fn(recipe.train.loss_aggregation),
         eval_fn=(lambda m: evaluate_loss(m, val_examples, collate)) if val_examples else None,
     )
-    return train(stage, recipe, resume=resume)
+    return train(stage, recipe, resume=resume, overwrite=overwrite)

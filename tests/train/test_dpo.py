@@ -70,7 +70,8 @@ def test_dpo_resume_matches(sft_dir, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     run_dpo(dpo_recipe(a, sft_dir, train={"max_steps": 8}))
     run_dpo(dpo_recipe(b, sft_dir, train={"max_steps": 8}, checkpoint={"every": 4}))
-    run_dpo(dpo_recipe(b, sft_dir, train={"max_steps": 8}, checkpoint={"every": 4}), resume="latest")
+    # resume from the middle (`latest` would be OUT/final, at max_steps: an error, nothing left to train)
+    run_dpo(dpo_recipe(b, sft_dir, train={"max_steps": 8}, checkpoint={"every": 4}), resume=str(b / "checkpoints" / "step-0000004"))
     rows_a = [json.loads(x) for x in (a / "metrics.jsonl").read_text().splitlines()]
     rows_b = [json.loads(x) for x in (b / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows_b] == list(range(0, 9))

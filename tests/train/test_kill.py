@@ -1,0 +1,152 @@
+"""SIGKILL a checkpointing SFT run at seeded random moments; every visible checkpoint must be complete
+and `--resume latest` must finish bit-identically to an uninterrupted run.
+
+Each attempt is a forked child of this (already warm) process, so a kill costs no interpreter start.
+The child trains with one intra-op thread, like the uninterrupted reference run, so the floating
+point summation order (and so every bit) is the same.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from bitnet_rl.recipe import Recipe, validate
+
+TINY = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1, "intermediate_size": 64}
+KILLS = 12
+MAX_STEPS = 30
+
+
+def recipe(out: Path) -> Recipe:
+    return validate(
+        Recipe,
+        {
+            "out": str(out),
+            "model": {"tiny": TINY},
+            "quant": {"schedule": {"kind": "linear", "warmup_steps": 10}},
+            "data": {"path": "demo", "demo_size": 200, "max_length": 32, "val_fraction": 0},
+            "optimizer": {"lr": 3e-3},
+            "train": {"max_steps": MAX_STEPS, "batch_size": 8},
+            "checkpoint": {"every": 1, "keep_last": 2},
+            "logging": {"progress": False, "health_every": 0},
+        },
+        "kill test",
+    )
+
+
+def start(out: Path, resume: str | None, overwrite: bool) -> int:
+    """Fork a child that runs the SFT stage into `out`; returns its pid."""
+    pid = os.fork()
+    if pid == 0:  # child: never return into pytest
+        code = 0
+        try:
+            torch.set_num_threads(1)
+            from bitnet_rl.train.sft import run_sft
+
+            run_sft(recipe(out), resume=resume, overwrite=overwrite, device="cpu")
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    return pid
+
+
+def wait(pid: int) -> int:
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def assert_complete(checkpoint: Path) -> None:
+    """A visible checkpoint holds everything a resume reads, and every file parses."""
+    config = json.loads((checkpoint / "config.json").read_text())
+    assert config["bitnet_rl"]["kind"] == "policy"
+    assert load_file(str(checkpoint / "model.safetensors"))
+    assert (checkpoint / "tokenizer.json").is_file() and (checkpoint / "generation_config.json").is_file()
+    trainer = checkpoint / "trainer_state"
+    for name in ("optimizer.pt", "scheduler.pt"):
+        torch.load(trainer / name, weights_only=True)
+    torch.load(trainer / "rng.pt", weights_only=False)
+    step = json.loads((trainer / "state.json").read_text())["step"]
+    if checkpoint.name.startswith("step-"):
+        assert step == int(checkpoint.name.split("-")[1])
+
+
+def visible_checkpoints(out: Path) -> list[Path]:
+    found = sorted((out / "checkpoints").glob("step-*")) if (out / "checkpoints").is_dir() else []
+    return found + ([out / "final"] if (out / "final").exists() else [])
+
+
+def hidden_leftovers(out: Path) -> list[str]:
+    dirs = [out, out / "checkpoints"]
+    return [p.name for d in dirs if d.is_dir() for p in d.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path):
+    from accelerate import Accelerator  # noqa: F401  warm the imports once, so that forked children start in ~0.5 s
+    from transformers import BitNetForCausalLM  # noqa: F401
+
+    reference = tmp_path / "reference"
+    started = time.perf_counter()
+    assert wait(start(reference, None, False)) == 0
+    full_run = time.perf_counter() - started
+
+    out = tmp_path / "killed"
+    rng = random.Random(1234)
+    kills = checked = with_leftovers = 0
+    attempts = 0
+    fresh = True
+    while kills < KILLS:
+        attempts += 1
+        assert attempts < 4 * KILLS, "the run keeps finishing before it is killed"
+        resumable = not fresh and any((p / "trainer_state" / "state.json").is_file() for p in visible_checkpoints(out))
+        pid = start(out, "latest" if resumable else None, overwrite=not resumable)
+        fresh = False
+        time.sleep(rng.uniform(0.15, 0.6) * full_run)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        code = wait(pid)
+        if (out / "final").exists():  # finished before the kill landed: start over for more kills
+            assert code == 0
+            for checkpoint in visible_checkpoints(out):
+                assert_complete(checkpoint)
+                checked += 1
+            fresh = True
+            continue
+        assert code == -signal.SIGKILL, f"child exited with {code} before it was killed"
+        kills += 1
+        with_leftovers += bool(hidden_leftovers(out))
+        for checkpoint in visible_checkpoints(out):
+            assert_complete(checkpoint)
+            checked += 1
+
+    resumable = any((p / "trainer_state" / "state.json").is_file() for p in visible_checkpoints(out))
+    assert wait(start(out, "latest" if resumable else None, overwrite=not resumable)) == 0
+    assert hidden_leftovers(out) == [], "a restarted run removes the temp / trash directories of killed ones"
+    ours, theirs = load_file(str(out / "final" / "model.safetensors")), load_file(str(reference / "final" / "model.safetensors"))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    opt_ours = torch.load(out / "final" / "trainer_state" / "optimizer.pt", weights_only=True)["state"]
+    opt_ref = torch.load(reference / "final" / "trainer_state" / "optimizer.pt", weights_only=True)["state"]
+    assert all(torch.equal(opt_ours[i]["exp_avg_sq"], opt_ref[i]["exp_avg_sq"]) for i in opt_ref)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    ref_rows = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, MAX_STEPS + 1))
+    assert [r["loss"] for r in rows] == [r["loss"] for r in ref_rows]
+    print(f"kills {kills} (attempts {attempts}), visible checkpoints checked {checked}, kills leaving hidden temp dirs {with_leftovers}, "
+          f"uninterrupted run {full_run:.1f} s, resumed final bit-identical")  # fmt: skip
