@@ -11,7 +11,7 @@ import pytest
 tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
 ROOT = Path(__file__).resolve().parents[1]
-IMPORT_NAMES = {"pyyaml": "yaml", "lm-eval": "lm_eval"}
+IMPORT_NAMES = {"pyyaml": "yaml", "lm-eval": "lm_eval", "huggingface-hub": "huggingface_hub"}
 
 
 def declared() -> list[str]:

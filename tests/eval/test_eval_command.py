@@ -107,7 +107,7 @@ def bad_dirs(tmp_path_factory, tiny_dir):
         ("rm_as_ckpt", "is a reward model"),
         ("other_tokenizer", "tokenizer differs"),
         ("prompts_format", "missing field 'prompt'"),
-        ("prompt_type", "must be a string or a list of messages"),
+        ("prompt_type", "prompt must be a non-empty string or a list of"),
         ("k_zero", "--n-samples must be at least 1"),
         ("nothing", "nothing to evaluate"),
     ],
