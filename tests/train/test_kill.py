@@ -1,20 +1,19 @@
 """SIGKILL a checkpointing SFT run at seeded random moments; every visible checkpoint must be complete
 and `--resume latest` must finish bit-identically to an uninterrupted run.
 
-Each attempt is a forked child of this (already warm) process, so a kill costs no interpreter start.
-The child trains with one intra-op thread, like the uninterrupted reference run, so the floating
-point summation order (and so every bit) is the same.
+Each attempt is forked from a warm fork server (modules imported once), so a kill costs no
+interpreter start. Every run uses one intra-op thread, like the uninterrupted reference run, so
+the floating point summation order (and so every bit) is the same.
 """
 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import random
 import signal
-import sys
 import time
-import traceback
 from pathlib import Path
 
 import pytest
@@ -45,29 +44,32 @@ def recipe(out: Path) -> Recipe:
     )
 
 
-def start(out: Path, resume: str | None, overwrite: bool) -> int:
-    """Fork a child that runs the SFT stage into `out`; returns its pid."""
-    pid = os.fork()
-    if pid == 0:  # child: never return into pytest
-        code = 0
-        try:
-            torch.set_num_threads(1)
-            from bitnet_rl.train.sft import run_sft
-
-            run_sft(recipe(out), resume=resume, overwrite=overwrite, device="cpu")
-        except BaseException:
-            traceback.print_exc()
-            code = 1
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
-    return pid
+PRELOAD = ["bitnet_rl.train.sft", "bitnet_rl.models.tiny", "bitnet_rl.data.demo", "accelerate", "transformers.models.bitnet.modeling_bitnet"]
 
 
-def wait(pid: int) -> int:
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status)
+def forkserver():
+    """A fresh, single-threaded process with our modules imported; every run is forked from it.
+
+    Forking pytest itself is not safe: once torch has run OpenMP regions with several threads,
+    a forked child can hang in its first parallel region (libgomp is not fork-safe).
+    """
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(PRELOAD)
+    return context
+
+
+def start(context, out: Path, resume: str | None, overwrite: bool):
+    """Start a process that runs the SFT stage into `out`."""
+    from bitnet_rl.train.sft import run_sft
+
+    process = context.Process(target=run_sft, args=(recipe(out),), kwargs={"resume": resume, "overwrite": overwrite, "device": "cpu"})
+    process.start()
+    return process
+
+
+def wait(process) -> int:
+    process.join()
+    return process.exitcode
 
 
 def assert_complete(checkpoint: Path) -> None:
@@ -96,13 +98,15 @@ def hidden_leftovers(out: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path):
-    from accelerate import Accelerator  # noqa: F401  warm the imports once, so that forked children start in ~0.5 s
-    from transformers import BitNetForCausalLM  # noqa: F401
-
+def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the fork server and every run: one intra-op thread
+    context = forkserver()
+    warm = context.Process(target=time.sleep, args=(0,))  # starts the fork server (imports) outside the timing
+    warm.start()
+    warm.join()
     reference = tmp_path / "reference"
     started = time.perf_counter()
-    assert wait(start(reference, None, False)) == 0
+    assert wait(start(context, reference, None, False)) == 0
     full_run = time.perf_counter() - started
 
     out = tmp_path / "killed"
@@ -114,14 +118,12 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path):
         attempts += 1
         assert attempts < 4 * KILLS, "the run keeps finishing before it is killed"
         resumable = not fresh and any((p / "trainer_state" / "state.json").is_file() for p in visible_checkpoints(out))
-        pid = start(out, "latest" if resumable else None, overwrite=not resumable)
+        process = start(context, out, "latest" if resumable else None, overwrite=not resumable)
         fresh = False
         time.sleep(rng.uniform(0.15, 0.6) * full_run)
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        code = wait(pid)
+        if process.is_alive():
+            os.kill(process.pid, signal.SIGKILL)
+        code = wait(process)
         if (out / "final").exists():  # finished before the kill landed: start over for more kills
             assert code == 0
             for checkpoint in visible_checkpoints(out):
@@ -137,7 +139,7 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path):
             checked += 1
 
     resumable = any((p / "trainer_state" / "state.json").is_file() for p in visible_checkpoints(out))
-    assert wait(start(out, "latest" if resumable else None, overwrite=not resumable)) == 0
+    assert wait(start(context, out, "latest" if resumable else None, overwrite=not resumable)) == 0
     assert hidden_leftovers(out) == [], "a restarted run removes the temp / trash directories of killed ones"
     ours, theirs = load_file(str(out / "final" / "model.safetensors")), load_file(str(reference / "final" / "model.safetensors"))
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
