@@ -56,8 +56,14 @@ def model_lambda(module: nn.Module) -> float:
 
 
 def draw(model: Model, prompts: list[Any], n_samples: int, temperature: float, max_new_tokens: int, seed: int, batch_size: int, progress: Callable[[int], None] | None = None) -> Samples:
-    """`n_samples` completions per prompt from `model`, batch b seeded `seed + b·batch_size`."""
-    return sample(model.generator, model.tokenizer, prompts, max_new_tokens, temperature, seed, batch_size, n_samples, progress)
+    """`n_samples` completions per prompt from `model`, batch b seeded `seed + b·batch_size`.
+
+    A model trained on chat prompts (recorded in its checkpoint) gets plain-string prompts through
+    its chat template too, as training rendered them."""
+    from bitnet_rl.models.io import prompt_format_of
+
+    chat = True if prompt_format_of(model.module) == "chat" else None
+    return sample(model.generator, model.tokenizer, prompts, max_new_tokens, temperature, seed, batch_size, n_samples, progress, chat)
 
 
 def score_rewards(sources: list[tuple[float, Any]], samples: Samples) -> dict[str, torch.Tensor]:

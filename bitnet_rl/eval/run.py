@@ -139,7 +139,10 @@ def run_eval(cfg: EvalConfig, echo: Callable[[str], None] = print) -> dict[str, 
         from bitnet_rl.eval.harness import prepare_tasks
 
         lm_tasks = prepare_tasks(cfg.lm_eval)
-    longest = max((len(encode_prompt(tokenizer, p)) for p in prompts), default=1)
+    from bitnet_rl.models.io import prompt_format_of, read_config
+
+    chat = True if prompt_format_of(read_config(model_dir)) == "chat" else None  # as `core.draw` encodes them
+    longest = max((len(encode_prompt(tokenizer, p, chat)) for p in prompts), default=1)
     batch = min(cfg.batch_size, max(len(prompts) * cfg.n_samples, 1))
     models = {}
     for label, path in (("policy", model_dir), ("reference", ref_dir)):

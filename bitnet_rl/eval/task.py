@@ -27,14 +27,16 @@ def sample(
     batch_size: int = 64,
     n_samples: int = 1,
     progress: Callable[[int], None] | None = None,
+    chat: bool | None = None,
 ) -> Samples:
     """Generate `n_samples` completions for every prompt (in batches) and decode.
 
     Rows are prompt-major: row i is sample i % n_samples of prompt i // n_samples. Batch b is
     drawn with seed `seed + b·batch_size`, so two models sampled with the same arguments use
-    the same random streams. `progress(rows_done)` is called after every batch."""
+    the same random streams. `progress(rows_done)` is called after every batch. `chat` as in
+    `encode_prompt` (None: the template only for message lists)."""
     rows = [p for p in prompts for _ in range(n_samples)]
-    encoded = [encode_prompt(tokenizer, p) for p in prompts]
+    encoded = [encode_prompt(tokenizer, p, chat) for p in prompts]
     prompt_ids = [ids for ids in encoded for _ in range(n_samples)]
     completion_ids, reasons = [], []
     for start in range(0, len(prompt_ids), batch_size):

@@ -139,3 +139,19 @@ def test_checkpoint_saved_during_lambda_warmup_is_evaluated_at_its_lambda(tiny_d
     results = json.loads((tmp_path / "r" / "results.json").read_text())
     assert results["lambda"]["policy"] == pytest.approx(0.3)  # linear schedule at step 30 of 100
     assert any("λ = 0.300" in note for note in results["notes"])
+
+
+def test_chat_trained_policy_gets_string_prompts_through_its_template(tiny_dir):
+    """A checkpoint recorded as chat-trained is sampled with the chat template, as training rendered it."""
+    from bitnet_rl.data.prompts import encode_prompt
+    from bitnet_rl.eval import core
+    from bitnet_rl.models.io import set_prompt_format
+
+    model = core.load_model("policy", tiny_dir, "policy", "cpu", 2, 64)
+    prompts = ["sort: 3 1 2 =", "sort: 2 1 ="]
+    plain = core.draw(model, prompts, 1, 0.0, 2, 0, 2)
+    assert plain.prompt_ids == [encode_prompt(model.tokenizer, p, False) for p in prompts]
+    set_prompt_format(model.module, "chat")
+    chat = core.draw(model, prompts, 1, 0.0, 2, 0, 2)
+    assert chat.prompt_ids == [encode_prompt(model.tokenizer, p, True) for p in prompts]
+    assert chat.prompt_ids != plain.prompt_ids
