@@ -141,10 +141,36 @@ PPO_RECIPE: dict[str, Any] = {
         "minibatch_size": 64,
         "micro_batch_size": 64,
         "missing_eos_penalty": -1.0,
+        "rollout_correction": "token_tis",
+        "rollout_correction_cap": 2.0,
     },
-    "optimizer": {"lr": 5e-4},
-    "scheduler": {"kind": "constant", "warmup_steps": 10},
-    "logging": {"every": 1, "health_every": 0},
+    "optimizer": {"lr": 2e-4},
+    "scheduler": {"kind": "constant", "warmup_steps": 20},
+    "logging": {"every": 1, "health_every": 10},
+}
+GRPO_RECIPE: dict[str, Any] = {
+    "rollout": {"backend": "packed", "max_new_tokens": MAX_NEW_TOKENS, "temperature": 1.0},
+    "ppo": {
+        "prompts": "demo",
+        "num_prompts": 1024,
+        "iterations": 100,
+        "prompts_per_iteration": 32,
+        "samples_per_prompt": 8,
+        "advantage": "grpo",
+        "kl_coef": 0.02,
+        "kl_mode": "loss",
+        "kl_estimator": "k3",
+        "epochs": 1,
+        "minibatch_size": 128,
+        "micro_batch_size": 64,
+        "missing_eos_penalty": -1.0,
+        "rollout_correction": "token_tis",
+        "rollout_correction_cap": 2.0,
+        "eval_every": 25,
+    },
+    "optimizer": {"lr": 2e-4},
+    "scheduler": {"kind": "constant", "warmup_steps": 20},
+    "logging": {"every": 1, "health_every": 10},
 }
 
 
@@ -168,11 +194,11 @@ def stage_rm(ctx: Context) -> Path:
     return rm_dir
 
 
-def stage_ppo_python(ctx: Context) -> Path:
+def stage_grpo_python(ctx: Context) -> Path:
     from bitnet_rl.train.ppo import run_ppo
 
-    ppo = dict(PPO_RECIPE["ppo"], rewards=[{"source": REWARD_SPEC}])
-    return run_ppo(_stage_recipe(ctx, {**PPO_RECIPE, "ppo": ppo}, "ppo-python", ctx.checkpoints["sft"]))
+    ppo = dict(GRPO_RECIPE["ppo"], rewards=[{"source": REWARD_SPEC}])
+    return run_ppo(_stage_recipe(ctx, {**GRPO_RECIPE, "ppo": ppo}, "grpo-python", ctx.checkpoints["sft"]))
 
 
 def stage_ppo_learned(ctx: Context) -> Path:
@@ -197,7 +223,7 @@ STAGES: list[tuple[str, Callable[[Context], Path], bool]] = [
     ("sft", stage_sft, True),
     ("dpo", stage_dpo, True),
     ("rm", stage_rm, False),
-    ("ppo-python", stage_ppo_python, True),
+    ("grpo-python", stage_grpo_python, True),
     ("ppo-rm", stage_ppo_learned, True),
 ]
 
