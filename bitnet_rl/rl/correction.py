@@ -29,6 +29,7 @@ import torch
 from bitnet_rl.rl.advantages import masked_mean
 
 LOG_RATIO_CLAMP = 20.0
+QUANTILE_MAX = 1 << 24
 
 Correction = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]
 
@@ -109,7 +110,8 @@ def rollout_mismatch(old_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor,
     if valid.numel() == 0:
         return {}
     ratio = valid.exp()
-    q = torch.quantile(ratio, torch.tensor([0.01, 0.5, 0.99], dtype=ratio.dtype))
+    stride = -(-ratio.numel() // QUANTILE_MAX)  # torch.quantile takes at most 2^24 values: every k-th one past that
+    q = torch.quantile(ratio[::stride], torch.tensor([0.01, 0.5, 0.99], dtype=ratio.dtype, device=ratio.device))
     bound = float(torch.log(torch.tensor(cap)))
     return {
         "mismatch/kl_k3": float(masked_mean(torch.expm1(d) - d, mask)),

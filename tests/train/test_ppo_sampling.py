@@ -51,3 +51,26 @@ def test_shaped_scores_add_eos_and_overlong_penalties():
     lengths = torch.tensor([5, 8, 10])
     # max_new_tokens 10, buffer 4: lengths 5 → 0, 8 → -0.5·0.5, 10 → -1·0.5 and no EOS −1
     torch.testing.assert_close(shaped_scores(raw, stopped, lengths, cfg, 10), torch.tensor([1.0, 0.75, -0.5]))
+
+
+def test_check_config_names_the_conflicting_keys():
+    import pytest
+
+    from bitnet_rl.errors import UserError
+    from bitnet_rl.recipe import Recipe
+    from bitnet_rl.train.ppo import check_config
+
+    def recipe(**ppo):
+        return Recipe.model_validate({"rollout": {"max_new_tokens": 8}, "ppo": ppo})
+
+    for ppo, key in [
+        ({"advantage": "gae", "dynamic_sampling": True}, "dynamic_sampling"),
+        ({"advantage": "grpo", "samples_per_prompt": 1}, "samples_per_prompt"),
+        ({"overlong_buffer": 9}, "overlong_buffer"),
+        ({"minibatch_size": 8, "micro_batch_size": 3}, "micro_batch_size"),
+    ]:
+        r = recipe(**ppo)
+        with pytest.raises(UserError, match=key):
+            check_config(r.ppo, r)
+    ok = recipe(advantage="rloo", samples_per_prompt=4, dynamic_sampling=True, overlong_buffer=4)
+    check_config(ok.ppo, ok)
