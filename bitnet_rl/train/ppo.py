@@ -1,10 +1,14 @@
 """PPO (and GRPO / RLOO / REINFORCE++) for BitNet policies, on accelerate, sampling with the packed generator.
 
-Per iteration: sample prompts → roll out (`PackedGenerator`, synced from the policy) → score
-(+ missing-EOS penalty) → log-probs of the policy (old) and of the frozen 2-bit reference,
-critic values → KL penalty (in the reward, or as a loss term) → advantages → several epochs
-of clipped policy and value updates over minibatches. λ follows the recipe's schedule per
-optimizer step. Everything needed to continue exactly is checkpointed: policy, critic, both
+Per iteration: sample prompts → roll out (`PackedGenerator`, synced from the policy; with
+dynamic sampling, tied groups are dropped and refilled) → score (+ missing-EOS and overlong
+penalties) → `Experience` built on the device from the `RolloutOutput`, keeping the generator's
+log-probs → log-probs of the policy (old) and of the frozen 2-bit reference, critic values →
+rollout mismatch metrics and correction weights (`rl/correction.py`) → KL penalty (in the reward,
+or as a loss term) → advantages (`rl/estimators.py`) → epochs of clipped policy and value
+updates over minibatches. λ follows the recipe's schedule per optimizer step; ternary health
+every `logging.health_every` steps; greedy held-out evaluation every `ppo.eval_every`
+iterations. Everything needed to continue exactly is checkpointed: policy, critic, both
 optimizers, KL controller, RNG, prompt order and step.
 """
 

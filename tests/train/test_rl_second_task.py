@@ -63,7 +63,6 @@ def write_task(root: Path) -> dict[str, Path]:
 
 
 def run_sft_stage(root: Path, paths: dict[str, Path], steps: int = 80) -> Path:
-    from bitnet_rl.data.demo import demo_tokenizer  # noqa: F401 - the tiny model's tokenizer
     from bitnet_rl.recipe import Recipe, validate
     from bitnet_rl.train.sft import run_sft
 
