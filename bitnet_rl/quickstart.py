@@ -168,10 +168,36 @@ PPO_RECIPE: dict[str, Any] = {
         "minibatch_size": 64,
         "micro_batch_size": 64,
         "missing_eos_penalty": -1.0,
+        "rollout_correction": "token_tis",
+        "rollout_correction_cap": 2.0,
     },
-    "optimizer": {"lr": 5e-4},
-    "scheduler": {"kind": "constant", "warmup_steps": 10},
-    "logging": {"every": 1, "health_every": 0},
+    "optimizer": {"lr": 2e-4},
+    "scheduler": {"kind": "constant", "warmup_steps": 20},
+    "logging": {"every": 1, "health_every": 10},
+}
+GRPO_RECIPE: dict[str, Any] = {
+    "rollout": {"backend": "packed", "max_new_tokens": MAX_NEW_TOKENS, "temperature": 1.0},
+    "ppo": {
+        "prompts": "demo",
+        "num_prompts": 1024,
+        "iterations": 100,
+        "prompts_per_iteration": 32,
+        "samples_per_prompt": 8,
+        "advantage": "grpo",
+        "kl_coef": 0.02,
+        "kl_mode": "loss",
+        "kl_estimator": "k3",
+        "epochs": 1,
+        "minibatch_size": 128,
+        "micro_batch_size": 64,
+        "missing_eos_penalty": -1.0,
+        "rollout_correction": "token_tis",
+        "rollout_correction_cap": 2.0,
+        "eval_every": 25,
+    },
+    "optimizer": {"lr": 3e-4},
+    "scheduler": {"kind": "constant", "warmup_steps": 20},
+    "logging": {"every": 1, "health_every": 10},
 }
 
 
@@ -188,18 +214,33 @@ def stage_dpo(ctx: Context) -> Path:
 
 
 def stage_rm(ctx: Context) -> Path:
+    """The demo's preference pairs plus best-vs-worst of 4 SFT samples on 512 RL prompts, labelled
+    by the programmatic reward (an RM that never saw the policy's own mistakes is gamed by PPO)."""
+    import json
+
+    from bitnet_rl.data.demo import make_pref_records
+    from bitnet_rl.rollout import make_generator
+    from bitnet_rl.train.onpolicy_prefs import onpolicy_pairs
     from bitnet_rl.train.rm import run_rm
 
-    rm_dir = run_rm(_stage_recipe(ctx, RM_RECIPE, "rm", ctx.checkpoints["sft"]), overwrite=True)
-    ctx.notes.append(f"reward model: {_last_metrics(ctx.out / 'rm')}")
+    policy = load_policy(ctx.checkpoints["sft"]).eval()
+    generator = make_generator(policy, backend="packed", max_batch_size=256, max_seq_len=64)
+    rl_prompts = make_prompts(PPO_RECIPE["ppo"]["num_prompts"], seed=0)[:512]  # the RL training prompts (seed 0)
+    pairs = onpolicy_pairs(generator, ctx.tokenizer, demo_reward(), rl_prompts, samples=4, max_new_tokens=MAX_NEW_TOKENS)
+    prefs = ctx.out / "rm-prefs.jsonl"
+    records = pairs + make_pref_records(RM_RECIPE["data"]["demo_size"], seed=0)
+    prefs.write_text("".join(json.dumps(r) + "\n" for r in records))
+    data = {**RM_RECIPE, "data": {**RM_RECIPE["data"], "path": str(prefs)}}
+    rm_dir = run_rm(_stage_recipe(ctx, data, "rm", ctx.checkpoints["sft"]), overwrite=True)
+    ctx.notes.append(f"reward model ({len(pairs)} on-policy pairs among {len(records)}): {_last_metrics(ctx.out / 'rm')}")
     return rm_dir
 
 
-def stage_ppo_python(ctx: Context) -> Path:
+def stage_grpo_python(ctx: Context) -> Path:
     from bitnet_rl.train.ppo import run_ppo
 
-    ppo = dict(PPO_RECIPE["ppo"], rewards=[{"source": REWARD_SPEC}])
-    return run_ppo(_stage_recipe(ctx, {**PPO_RECIPE, "ppo": ppo}, "ppo-python", ctx.checkpoints["sft"]), overwrite=True)
+    ppo = dict(GRPO_RECIPE["ppo"], rewards=[{"source": REWARD_SPEC}])
+    return run_ppo(_stage_recipe(ctx, {**GRPO_RECIPE, "ppo": ppo}, "grpo-python", ctx.checkpoints["sft"]), overwrite=True)
 
 
 def stage_ppo_learned(ctx: Context) -> Path:
@@ -224,7 +265,7 @@ STAGES: list[tuple[str, Callable[[Context], Path], bool]] = [
     ("sft", stage_sft, True),
     ("dpo", stage_dpo, True),
     ("rm", stage_rm, False),
-    ("ppo-python", stage_ppo_python, True),
+    ("grpo-python", stage_grpo_python, True),
     ("ppo-rm", stage_ppo_learned, True),
 ]
 

@@ -168,19 +168,35 @@ class PPOConfig(Section):
     iterations: int = Field(100, gt=0, description="Rollout + update iterations.")
     prompts_per_iteration: int = Field(16, gt=0, description="Prompts sampled per iteration (per process).")
     samples_per_prompt: int = Field(1, gt=0, description="Completions per prompt (≥ 2 for grpo / rloo).")
-    advantage: Literal["gae", "grpo", "rloo", "reinforce_pp"] = Field("gae", description="Advantage estimator.")
+    advantage: Literal["gae", "grpo", "rloo", "reinforce_pp"] = Field("gae", description="Advantage estimator (registered in bitnet_rl.rl.estimators).")
     gamma: float = Field(1.0, ge=0, le=1, description="Discount.")
     gae_lambda: float = Field(0.95, ge=0, le=1, description="GAE λ.")
+    group_std_eps: float = Field(1e-4, gt=0, description="ε in GRPO's (r − mean) / (std + ε) (TRL 1.16: 1e-4).")
     kl_coef: float = Field(0.05, ge=0, description="KL penalty coefficient (initial value when adaptive).")
     kl_estimator: Literal["k1", "k2", "k3"] = Field("k1", description="Per-token KL estimator.")
     kl_mode: Literal["reward", "loss"] = Field("reward", description="KL in the reward (classic RLHF) or as a loss term (GRPO style).")
     adaptive_kl: bool = Field(False, description="Adapt the KL coefficient towards kl_target (Ziegler et al.).")
     kl_target: float = Field(6.0, gt=0, description="Target KL per sequence for the adaptive controller.")
     kl_horizon: float = Field(10000, gt=0, description="Horizon of the adaptive controller.")
-    clip_eps: float = Field(0.2, gt=0, description="PPO ratio clip ε.")
+    clip_eps: float = Field(0.2, gt=0, description="PPO ratio clip ε (the lower bound 1 − ε; also the upper one unless clip_eps_high is set).")
+    clip_eps_high: float | None = Field(None, gt=0, description="Upper clip ε (DAPO's clip-higher, e.g. 0.28); default: clip_eps.")
+    loss_aggregation: Literal["token_mean", "seq_mean_token_sum", "seq_mean_token_mean"] = Field(
+        "token_mean", description="How token losses become the minibatch loss (verl loss_agg_mode; token_mean is TRL's dapo)."
+    )
     value_clip_eps: float = Field(0.2, gt=0, description="Value clip ε.")
     entropy_coef: float = Field(0.0, ge=0, description="Entropy bonus coefficient.")
-    whiten_advantages: bool = Field(True, description="Normalize advantages over the batch.")
+    whiten_advantages: bool | None = Field(
+        None, description="Whiten advantages (gae: over tokens; grpo/rloo: per sequence). Default: on for gae, off for grpo/rloo (as TRL)."
+    )
+    rollout_correction: Literal["none", "token_tis", "seq_tis", "token_mask", "seq_mask"] = Field(
+        "token_tis",
+        description="Correct for the generator not being the training policy: truncated importance weights (tis) or masking, per token or sequence.",
+    )
+    rollout_correction_cap: float = Field(2.0, gt=1, description="C: weights min(π_old/π_rollout, C); masks keep ratios in [1/C, C].")
+    dynamic_sampling: bool = Field(False, description="Drop groups whose rewards all tie and refill with new prompts (DAPO; grpo/rloo).")
+    dynamic_sampling_rounds: int = Field(3, ge=0, description="Extra generation rounds allowed per iteration to refill dropped groups.")
+    overlong_buffer: int = Field(0, ge=0, description="DAPO soft overlong penalty over the last N tokens before max_new_tokens (0: off).")
+    overlong_penalty: float = Field(1.0, ge=0, description="Scale of the overlong penalty (−scale at max_new_tokens).")
     epochs: int = Field(2, gt=0, description="Passes over each rollout batch.")
     minibatch_size: int = Field(8, gt=0, description="Sequences per optimizer step.")
     micro_batch_size: int = Field(8, gt=0, description="Sequences per forward/backward (gradient accumulation below minibatch_size).")
@@ -188,7 +204,8 @@ class PPOConfig(Section):
     critic: Literal["policy", "reward_model"] = Field("policy", description="Critic backbone for gae: a copy of the SFT policy, or the reward model.")
     critic_lr: float | None = Field(None, gt=0, description="Critic learning rate (default: optimizer.lr).")
     eval_every: int = Field(0, ge=0, description="Greedy evaluation on held-out prompts every N iterations (0: only at the end).")
-    eval_prompts: int = Field(128, gt=0, description="Held-out prompts for evaluation (demo task).")
+    eval_prompts: int = Field(128, ge=0, description="Held-out prompts for evaluation (0: no evaluation).")
+    eval_path: str | None = Field(None, description="Held-out prompts file for evaluation; default: fresh demo prompts when prompts is `demo`, none otherwise.")
 
 
 class Recipe(Section):

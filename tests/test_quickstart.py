@@ -24,3 +24,10 @@ def test_table_formatting():
     row = {"stage": "ppo", "accuracy": 0.5, "reward": 0.25, "sampled_reward": 0.125, "heldout_loss": 1.5, "kl": 0.75, "seconds": 3.2}
     assert "| ppo | 50.0% | 0.250 | 0.125 | — | 1.500 | 0.750 | 3 s |" in format_table([row])
     assert "| ppo | 50.0% | 0.250 | 0.125 | 62.5% | 1.500 | 0.750 | 3 s |" in format_table([{**row, "win_rate": 0.625}])
+
+
+def test_shipped_grpo_recipe_is_the_quickstart_grpo_stage():
+    from bitnet_rl.quickstart import GRPO_RECIPE
+
+    grpo = read_yaml(ROOT / "grpo.yaml")
+    assert _without(grpo, "out", "model") == {**GRPO_RECIPE, "ppo": {**GRPO_RECIPE["ppo"], "rewards": grpo["ppo"]["rewards"]}}

@@ -1,4 +1,5 @@
-"""Pure RL math: KL estimators and controllers, advantage estimators, PPO/value/DPO losses."""
+"""Pure RL math: KL estimators and controllers, advantage estimators (and their registry),
+rollout corrections, reward shaping, PPO/value/DPO losses."""
 
 from bitnet_rl.rl.advantages import (
     add_kl_penalty,
@@ -12,6 +13,8 @@ from bitnet_rl.rl.advantages import (
     rloo_advantages,
     scores_to_token_rewards,
 )
+from bitnet_rl.rl.correction import ROLLOUT_CORRECTIONS, rollout_correction, rollout_mismatch
+from bitnet_rl.rl.estimators import ADVANTAGE_ESTIMATORS, AdvantageInputs, estimate_advantages
 from bitnet_rl.rl.kl import (
     AdaptiveKLController,
     FixedKLController,
@@ -23,6 +26,8 @@ from bitnet_rl.rl.kl import (
 )
 from bitnet_rl.rl.losses import (
     DPOLossType,
+    LossAggregation,
+    aggregate_loss,
     dpo_loss,
     entropy_from_logits,
     explained_variance,
@@ -31,8 +36,20 @@ from bitnet_rl.rl.losses import (
     sequence_logps,
     value_loss,
 )
+from bitnet_rl.rl.shaping import group_reward_stats, overlong_penalty, tied_groups
 
 __all__ = [
+    "ADVANTAGE_ESTIMATORS",
+    "ROLLOUT_CORRECTIONS",
+    "AdvantageInputs",
+    "LossAggregation",
+    "aggregate_loss",
+    "estimate_advantages",
+    "group_reward_stats",
+    "overlong_penalty",
+    "rollout_correction",
+    "rollout_mismatch",
+    "tied_groups",
     "AdaptiveKLController",
     "DPOLossType",
     "FixedKLController",

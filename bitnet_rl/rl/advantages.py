@@ -85,12 +85,12 @@ def _grouped(scores: torch.Tensor, group_size: int) -> torch.Tensor:
 
 @torch.no_grad()
 def grpo_advantages(
-    scores: torch.Tensor, group_size: int, eps: float = 1e-6, scale_std: bool = True
+    scores: torch.Tensor, group_size: int, eps: float = 1e-4, scale_std: bool = True
 ) -> torch.Tensor:
     """GRPO (Shao et al. 2024): A_i = (r_i - mean(group)) / (std(group) + eps). (N,) -> (N,)
 
     Consecutive runs of `group_size` scores form a group (completions of one prompt).
-    std is the Bessel-corrected group std, as in TRL; with `scale_std=False`, A_i = r_i - mean.
+    std is the Bessel-corrected group std and eps 1e-4, as in TRL 1.16; with `scale_std=False`, A_i = r_i - mean.
     """
     grouped = _grouped(scores, group_size)
     advantages = grouped - grouped.mean(dim=1, keepdim=True)

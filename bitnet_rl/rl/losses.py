@@ -14,28 +14,86 @@ from bitnet_rl.rl.advantages import masked_mean, masked_var
 DPOLossType = Literal["sigmoid", "ipo", "hinge", "robust"]
 
 
+LossAggregation = Literal["token_mean", "seq_mean_token_sum", "seq_mean_token_mean"]
+
+
+def aggregate_loss(
+    token_losses: torch.Tensor,
+    mask: torch.Tensor,
+    mode: LossAggregation = "token_mean",
+    num_tokens: float | torch.Tensor | None = None,
+    num_seqs: float | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Reduce per-token losses `(B, T)` to a scalar, as verl's `loss_agg_mode` defines it.
+
+    token_mean           Σ_{b,t} l·m / N_tokens                 (TRL GRPO "dapo", verl default)
+    seq_mean_token_sum   Σ_b (Σ_t l·m) / N_seqs                 (sum over tokens, Dr. GRPO-like)
+    seq_mean_token_mean  Σ_b (Σ_t l·m / Σ_t m) / N_seqs         (original GRPO)
+    N_tokens = Σ m and N_seqs = number of rows with a valid token, unless given: pass the totals of
+    the whole minibatch when it is split into micro-batches, so the micro-batch losses add up to
+    the minibatch loss.
+    """
+    mask = mask.to(token_losses.dtype)
+    if mode == "token_mean":
+        denominator = mask.sum() if num_tokens is None else num_tokens
+        return (token_losses * mask).sum() / max(float(denominator), 1.0)
+    per_sequence = (token_losses * mask).sum(dim=1)  # (B,)
+    if mode == "seq_mean_token_mean":
+        per_sequence = per_sequence / mask.sum(dim=1).clamp(min=1.0)
+    elif mode != "seq_mean_token_sum":
+        raise ValueError(f"unknown loss aggregation {mode!r}")
+    denominator = (mask.sum(dim=1) > 0).sum() if num_seqs is None else num_seqs
+    return per_sequence.sum() / max(float(denominator), 1.0)
+
+
 def ppo_policy_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
     advantages: torch.Tensor,
     mask: torch.Tensor,
     clip_eps: float = 0.2,
+    clip_eps_high: float | None = None,
+    weights: torch.Tensor | None = None,
+    aggregation: LossAggregation = "token_mean",
+    num_tokens: float | torch.Tensor | None = None,
+    num_seqs: float | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO clipped surrogate (Schulman et al. 2017).
+    """PPO clipped surrogate (Schulman et al. 2017), asymmetric clip (DAPO), rollout-IS weights.
 
     ratio = exp(logp - old_logp)
-    loss = masked_mean(max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)))
-    stats: clip_frac = masked fraction of tokens where the clipped term is the larger one;
-           approx_kl = masked_mean(0.5 * (logp - old_logp)^2)   (the k2 estimator).
+    l_t = w_t * max(-A * ratio, -A * clip(ratio, 1 - eps_low, 1 + eps_high))
+    loss = aggregate_loss(l, mask, aggregation)      eps_high defaults to eps_low = `clip_eps`
+    `weights` w `(B, T)` are rollout-correction weights (1 if None); masked tokens (mask 0) leave
+    the loss and its denominator.
+    stats: clip_ratio = share of tokens where the clipped term is the larger one, split into
+           clip_ratio/low (ratio < 1 - eps_low, A < 0) and clip_ratio/high (ratio > 1 + eps_high, A > 0);
+           clip_frac = clip_ratio (older name); approx_kl = masked_mean(0.5 * (logp - old_logp)^2).
     """
+    eps_high = clip_eps if clip_eps_high is None else clip_eps_high
     log_ratio = logprobs - old_logprobs  # (B, T)
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + eps_high)
+    token_losses = torch.maximum(unclipped, clipped)
+    if weights is not None:
+        token_losses = token_losses * weights
+    loss = aggregate_loss(token_losses, mask, aggregation, num_tokens, num_seqs)
     with torch.no_grad():
+        dtype = logprobs.dtype
+        mask = mask.to(dtype)
+        count = mask.sum().clamp(min=1.0)
+
+        def masked_mean(values: torch.Tensor, _mask: torch.Tensor) -> torch.Tensor:  # 0, not NaN, when all masked
+            return (values * _mask).sum() / count
+
+        low = (ratio < 1.0 - clip_eps) & (advantages < 0)
+        high = (ratio > 1.0 + eps_high) & (advantages > 0)
+        clip_ratio = masked_mean((clipped > unclipped).to(dtype), mask)
         stats = {
-            "clip_frac": masked_mean((clipped > unclipped).to(logprobs.dtype), mask),
+            "clip_ratio": clip_ratio,
+            "clip_ratio/low": masked_mean(low.to(dtype), mask),
+            "clip_ratio/high": masked_mean(high.to(dtype), mask),
+            "clip_frac": clip_ratio,
             "approx_kl": masked_mean(0.5 * log_ratio.square(), mask),
         }
     return loss, stats

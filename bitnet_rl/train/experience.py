@@ -8,7 +8,7 @@ every row's positions exact, whatever its prompt length.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn as nn
@@ -17,6 +17,7 @@ from bitnet_rl.data.batching import right_pad
 from bitnet_rl.models.forward import causal_lm_logprobs
 from bitnet_rl.models.value import token_values
 from bitnet_rl.rl.losses import entropy_from_logits, logprobs_from_logits
+from bitnet_rl.rollout.output import RolloutOutput
 
 
 @dataclass
@@ -25,12 +26,15 @@ class Experience:
     attention_mask: torch.Tensor  # (B, L)
     prompt_lens: torch.Tensor  # (B,)
     mask: torch.Tensor  # (B, T) 1 on completion tokens
-    old_logprobs: torch.Tensor  # (B, T) policy log-probs at rollout time
+    old_logprobs: torch.Tensor  # (B, T) training-policy log-probs at rollout time
+    rollout_logprobs: torch.Tensor  # (B, T) the generator's temperature-1 log-probs of the same tokens
     ref_logprobs: torch.Tensor  # (B, T) frozen reference
     values: torch.Tensor  # (B, T) critic values (zeros without a critic)
     scores: torch.Tensor  # (B,) sequence rewards after penalties
     advantages: torch.Tensor  # (B, T)
     returns: torch.Tensor  # (B, T)
+    is_weights: torch.Tensor  # (B, T) rollout-correction weights on the policy-gradient term (1: none)
+    loss_mask: torch.Tensor  # (B, T) mask minus tokens the rollout correction drops
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -41,6 +45,84 @@ class Experience:
 
     def to(self, device) -> "Experience":
         return Experience(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+
+def experience_from_rollout(out: RolloutOutput, scores: torch.Tensor, device: torch.device | str | None = None) -> Experience:
+    """An `Experience` built from a generator's `RolloutOutput` with tensor ops only (no lists).
+
+    Row b is prompt b followed by its completion, right-padded with the output's pad id:
+    input_ids[b, :p_b] = prompt, input_ids[b, p_b : p_b + n_b] = completion. `rollout_logprobs`
+    are the generator's `logprobs_t1`. Log-probs, values and advantages start at 0 and
+    `is_weights` / `loss_mask` at "no correction"; the trainer fills them.
+    """
+    device = device or out.completion_ids.device
+    prompt_ids, completion_ids = out.prompt_ids.to(device), out.completion_ids.to(device)
+    prompt_lens, lengths = out.prompt_lengths.to(device).long(), out.lengths.to(device).long()
+    batch, width = completion_ids.shape
+    if width == 0:  # keep one (masked) completion column so every per-token tensor has T >= 1
+        completion_ids = torch.full((batch, 1), out.pad_token_id, dtype=torch.long, device=device)
+        width = 1
+    steps = torch.arange(width, device=device)
+    mask = (steps[None, :] < lengths[:, None]).float()  # (B, T)
+    total = prompt_ids.shape[1] + width
+    input_ids = torch.full((batch, total), out.pad_token_id, dtype=torch.long, device=device)
+    prompt_cols = torch.arange(prompt_ids.shape[1], device=device)
+    input_ids[:, : prompt_ids.shape[1]] = torch.where(prompt_cols[None, :] < prompt_lens[:, None], prompt_ids, out.pad_token_id)
+    completion = torch.where(mask.bool(), completion_ids, out.pad_token_id)
+    input_ids.scatter_(1, prompt_lens[:, None] + steps[None, :], completion)  # columns past p_b + n_b get padding
+    seq_lens = prompt_lens + lengths
+    input_ids = input_ids[:, : int(seq_lens.max())]
+    attention_mask = (torch.arange(input_ids.shape[1], device=device)[None, :] < seq_lens[:, None]).long()
+    rollout_logprobs = torch.zeros_like(mask)
+    if out.logprobs_t1.numel():
+        rollout_logprobs[:, : out.logprobs_t1.shape[1]] = out.logprobs_t1.to(device).float()
+    zeros = torch.zeros_like(mask)
+    return Experience(
+        input_ids, attention_mask, prompt_lens, mask,
+        old_logprobs=zeros, rollout_logprobs=rollout_logprobs * mask, ref_logprobs=zeros, values=zeros,
+        scores=scores.to(device).float(), advantages=zeros, returns=zeros, is_weights=mask.clone(), loss_mask=mask.clone(),
+    )  # fmt: skip
+
+
+def select_rollout(out: RolloutOutput, rows: torch.Tensor) -> RolloutOutput:
+    """Rows `rows` (long indices) of a `RolloutOutput`, completions trimmed to the longest kept."""
+    lengths = out.lengths[rows]
+    width = int(lengths.max()) if rows.numel() else 0
+    prompt_lengths = out.prompt_lengths[rows]
+    prompt_width = int(prompt_lengths.max()) if rows.numel() else 0
+    return replace(
+        out,
+        prompt_ids=out.prompt_ids[rows, :prompt_width],
+        prompt_lengths=prompt_lengths,
+        completion_ids=out.completion_ids[rows, :width],
+        logprobs=out.logprobs[rows, :width],
+        logprobs_t1=out.logprobs_t1[rows, :width],
+        lengths=lengths,
+        finish_reasons=[out.finish_reasons[i] for i in rows.tolist()],
+    )
+
+
+def concat_rollouts(parts: list[RolloutOutput]) -> RolloutOutput:
+    """One `RolloutOutput` with the rows of `parts` in order, right-padded to the widest part."""
+    if len(parts) == 1:
+        return parts[0]
+
+    def cat(name: str, fill) -> torch.Tensor:
+        tensors = [getattr(p, name) for p in parts]
+        width = max(t.shape[1] for t in tensors)
+        return torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1]), value=fill) for t in tensors])
+
+    pad = parts[0].pad_token_id
+    return RolloutOutput(
+        prompt_ids=cat("prompt_ids", pad),
+        prompt_lengths=torch.cat([p.prompt_lengths for p in parts]),
+        completion_ids=cat("completion_ids", pad),
+        logprobs=cat("logprobs", 0.0),
+        logprobs_t1=cat("logprobs_t1", 0.0),
+        lengths=torch.cat([p.lengths for p in parts]),
+        finish_reasons=[r for p in parts for r in p.finish_reasons],
+        pad_token_id=pad,
+    )
 
 
 def pack_sequences(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, ...]:

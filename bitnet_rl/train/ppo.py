@@ -1,10 +1,14 @@
 """PPO (and GRPO / RLOO / REINFORCE++) for BitNet policies, on accelerate, sampling with the packed generator.
 
-Per iteration: sample prompts → roll out (`PackedGenerator`, synced from the policy) → score
-(+ missing-EOS penalty) → log-probs of the policy (old) and of the frozen 2-bit reference,
-critic values → KL penalty (in the reward, or as a loss term) → advantages → several epochs
-of clipped policy and value updates over minibatches. λ follows the recipe's schedule per
-optimizer step. Everything needed to continue exactly is checkpointed: policy, critic, both
+Per iteration: sample prompts → roll out (`PackedGenerator`, synced from the policy; with
+dynamic sampling, tied groups are dropped and refilled) → score (+ missing-EOS and overlong
+penalties) → `Experience` built on the device from the `RolloutOutput`, keeping the generator's
+log-probs → log-probs of the policy (old) and of the frozen 2-bit reference, critic values →
+rollout mismatch metrics and correction weights (`rl/correction.py`) → KL penalty (in the reward,
+or as a loss term) → advantages (`rl/estimators.py`) → epochs of clipped policy and value
+updates over minibatches. λ follows the recipe's schedule per optimizer step; ternary health
+every `logging.health_every` steps; greedy held-out evaluation every `ppo.eval_every`
+iterations. Everything needed to continue exactly is checkpointed: policy, critic, both
 optimizers, KL controller, RNG, prompt order and step.
 """
 
@@ -20,22 +24,27 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from bitnet_rl.data.prompts import load_prompts, rollout_prompt_ids
-from bitnet_rl.data.tokenizer import pad_id
+from bitnet_rl.data.prompts import encode_prompt, load_prompts, rollout_prompt_ids
 from bitnet_rl.errors import UserError
 from bitnet_rl.models.build import build_policy, resolve_dtype, resolve_model_dir
 from bitnet_rl.models.convert import enable_checkpointing
 from bitnet_rl.models.frozen import frozen_ternary_copy
-from bitnet_rl.models.io import save_checkpoint
+from bitnet_rl.models.io import prompt_format_of, save_checkpoint
 from bitnet_rl.models.value import load_scalar_model
 from bitnet_rl.quant.bitlinear import set_lambda
+from bitnet_rl.quant.health import code_snapshot, ternary_health
 from bitnet_rl.recipe import PPOConfig, Recipe
 from bitnet_rl.rewards import RewardError, RewardSource, load_rewards
 from bitnet_rl.rl import advantages as adv
+from bitnet_rl.rl.correction import rollout_correction, rollout_mismatch
+from bitnet_rl.rl.estimators import ADVANTAGE_ESTIMATORS, AdvantageInputs, estimate_advantages
 from bitnet_rl.rl.kl import AdaptiveKLController, FixedKLController, kl_estimate
 from bitnet_rl.rl.losses import explained_variance, ppo_policy_loss, value_loss
+from bitnet_rl.rl.shaping import group_reward_stats
 from bitnet_rl.rollout import make_generator
-from bitnet_rl.train.experience import Experience, critic_forward, pack_sequences, policy_forward
+from bitnet_rl.train.experience import Experience, critic_forward, experience_from_rollout, policy_forward
+from bitnet_rl.train.ppo_eval import heldout_prompts, make_evaluator
+from bitnet_rl.train.ppo_sampling import sample_groups, sample_round
 from bitnet_rl.train.loop import (
     EpochSampler,
     LoopState,
@@ -65,25 +74,32 @@ def kl_controller(cfg: PPOConfig):
 
 
 def compute_advantages(cfg: PPOConfig, scores: torch.Tensor, values: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float):
-    """(advantages, returns, token rewards) `(B, T)` for the recipe's estimator. Pure."""
+    """(advantages, returns, token rewards) `(B, T)` from the estimator registered as `cfg.advantage`. Pure."""
     token_rewards = adv.scores_to_token_rewards(scores, mask)
     if cfg.kl_mode == "reward":
         token_rewards = adv.add_kl_penalty(token_rewards, kl, kl_coef, mask)
-    if cfg.advantage == "gae":
-        advantages, returns = adv.gae(token_rewards, values, mask, cfg.gamma, cfg.gae_lambda)
-        if cfg.whiten_advantages:
-            advantages = adv.masked_whiten(advantages, mask)
-        return advantages, returns, token_rewards
-    if cfg.advantage == "reinforce_pp":
-        advantages = adv.reinforce_pp_advantages(token_rewards, mask, cfg.gamma)
-        return advantages, advantages.clone(), token_rewards
-    sequence_rewards = (token_rewards * mask).sum(dim=1)  # score minus the sequence's KL penalty
-    estimator = adv.grpo_advantages if cfg.advantage == "grpo" else adv.rloo_advantages
-    per_sequence = estimator(sequence_rewards, cfg.samples_per_prompt)
-    advantages = per_sequence.unsqueeze(1) * mask
-    if cfg.whiten_advantages and cfg.advantage == "rloo":
-        advantages = adv.masked_whiten(advantages, mask)
-    return advantages, advantages.clone(), token_rewards
+    inputs = AdvantageInputs(token_rewards, values, mask, cfg.samples_per_prompt, cfg.gamma, cfg.gae_lambda, cfg.group_std_eps)
+    advantages, returns = estimate_advantages(cfg.advantage, inputs, cfg.whiten_advantages)
+    return advantages, returns, token_rewards
+
+
+def check_config(cfg: PPOConfig, recipe: Recipe) -> None:
+    """UserErrors for settings that cannot work together."""
+    estimator = ADVANTAGE_ESTIMATORS[cfg.advantage]
+    if estimator.grouped and cfg.samples_per_prompt < 2:
+        raise UserError(f"ppo.advantage={cfg.advantage} needs ppo.samples_per_prompt >= 2 (got {cfg.samples_per_prompt})")
+    if cfg.dynamic_sampling and not estimator.grouped:
+        raise UserError(f"ppo.dynamic_sampling needs a group estimator (grpo, rloo), not ppo.advantage={cfg.advantage}")
+    if cfg.minibatch_size % cfg.micro_batch_size:
+        raise UserError(f"ppo.minibatch_size={cfg.minibatch_size} is not a multiple of ppo.micro_batch_size={cfg.micro_batch_size}")
+    if cfg.overlong_buffer > recipe.rollout.max_new_tokens:
+        raise UserError(f"ppo.overlong_buffer={cfg.overlong_buffer} exceeds rollout.max_new_tokens={recipe.rollout.max_new_tokens}")
+    warming_up = current_lambda(recipe, 0) < 1.0
+    if warming_up and recipe.rollout.backend == "packed" and cfg.rollout_correction == "none":
+        raise UserError(
+            "quant.schedule starts below λ = 1, but the packed generator samples the fully ternary model: "
+            "set ppo.rollout_correction (e.g. token_tis) or rollout.backend=policy"
+        )
 
 
 class PPOTrainer:
@@ -91,10 +107,7 @@ class PPOTrainer:
 
     def __init__(self, recipe: Recipe, reward: RewardSource | None = None, device: str | None = None) -> None:
         cfg = recipe.ppo
-        if cfg.advantage in ("grpo", "rloo") and cfg.samples_per_prompt < 2:
-            raise UserError(f"ppo.advantage={cfg.advantage} needs ppo.samples_per_prompt >= 2 (got {cfg.samples_per_prompt})")
-        if cfg.minibatch_size % cfg.micro_batch_size:
-            raise UserError(f"ppo.minibatch_size={cfg.minibatch_size} is not a multiple of ppo.micro_batch_size={cfg.micro_batch_size}")
+        check_config(cfg, recipe)
         self.recipe, self.cfg = recipe, cfg
         self.out = Path(recipe.out)
         self.accelerator = make_accelerator(recipe, self.out)
@@ -102,9 +115,11 @@ class PPOTrainer:
         self.policy, self.tokenizer = build_policy(recipe.model, recipe.quant, lam=current_lambda(recipe, 0), device=device, seed=recipe.train.seed)
         self.reference = frozen_ternary_copy(self.policy)
         self.reward = reward or load_rewards([(r.weight, r.source) for r in cfg.rewards], device=device)
-        self.critic = self._build_critic(device) if cfg.advantage == "gae" else None
+        self.critic = self._build_critic(device) if ADVANTAGE_ESTIMATORS[cfg.advantage].needs_critic else None
         self.prompts = load_prompts(cfg.prompts or "demo", cfg.num_prompts, seed=recipe.train.seed)
         self.prompt_ids = rollout_prompt_ids(self.tokenizer, self.policy, self.prompts, recipe.data.chat_template, recipe.rollout.max_new_tokens, cfg.prompts or "demo")
+        self.chat = prompt_format_of(self.policy) == "chat"  # as rollout_prompt_ids resolved and recorded it
+        self.eval_prompts = heldout_prompts(recipe, self.prompts)
         if recipe.train.gradient_checkpointing:
             enable_checkpointing(self.policy)
             if self.critic is not None:
@@ -123,13 +138,15 @@ class PPOTrainer:
         self.reference.to(self.accelerator.device)
         self.kl_ctl = kl_controller(cfg)
         self.state = LoopState()
-        max_prompt = max(len(p) for p in self.prompt_ids)
+        max_prompt = max(len(p) for p in self.prompt_ids + [encode_prompt(self.tokenizer, p, self.chat) for p in self.eval_prompts])
         self.generator = make_generator(
             self.unwrapped,
             backend=recipe.rollout.backend,
             max_batch_size=cfg.prompts_per_iteration * cfg.samples_per_prompt,
             max_seq_len=max_prompt + recipe.rollout.max_new_tokens,
         )
+        self.evaluate = make_evaluator(recipe, self.tokenizer, self.reward, self.generator, self.eval_prompts, self.chat)
+        self.codes = code_snapshot(self.unwrapped) if recipe.logging.health_every else None
 
     def total_optimizer_steps(self) -> int:
         cfg = self.cfg
@@ -157,62 +174,55 @@ class PPOTrainer:
 
     # ---- one iteration -------------------------------------------------------------------
     @torch.no_grad()
-    def rollout(self, prompt_indices: list[int], iteration: int) -> tuple[Experience, dict[str, float], list[str]]:
-        cfg, rcfg = self.cfg, self.recipe.rollout
-        device = self.accelerator.device
-        prompts = [self.prompts[i] for i in prompt_indices for _ in range(cfg.samples_per_prompt)]
-        prompt_ids = [self.prompt_ids[i] for i in prompt_indices for _ in range(cfg.samples_per_prompt)]
+    def rollout(self, sampler: EpochSampler, iteration: int) -> tuple[Experience, dict[str, float], list[str]]:
+        """Sample (with refills under dynamic sampling), then build and score the experience batch."""
+        cfg, acc = self.cfg, self.accelerator
+        device = acc.device
         t0 = time.perf_counter()
         if hasattr(self.generator, "sync_from"):
             self.generator.sync_from(self.unwrapped)
-        out = self.generator.generate(
-            prompt_ids,
-            max_new_tokens=rcfg.max_new_tokens,
-            temperature=rcfg.temperature,
-            top_k=rcfg.top_k,
-            top_p=rcfg.top_p,
-            stop_token_ids=[self.tokenizer.eos_token_id],
-            seed=self.recipe.train.seed * 100_003 + iteration * (self.accelerator.num_processes) + self.accelerator.process_index,
-        )
-        lengths = out.lengths.tolist()
-        completion_ids = [out.completion_ids[i, :n].tolist() for i, n in enumerate(lengths)]
+
+        def round_fn(round_index: int):
+            picked = sampler.next(cfg.prompts_per_iteration * acc.num_processes)[acc.process_index :: acc.num_processes]
+            prompts = [self.prompts[i] for i in picked for _ in range(cfg.samples_per_prompt)]
+            prompt_ids = [self.prompt_ids[i] for i in picked for _ in range(cfg.samples_per_prompt)]
+            seed = self.recipe.train.seed * 100_003 + iteration * acc.num_processes + acc.process_index + round_index * 7_919_113
+            return sample_round(self.generator, self.tokenizer, self.reward, prompts, prompt_ids, cfg, self.recipe.rollout, seed, device)
+
+        sampled = sample_groups(round_fn, cfg)
         t1 = time.perf_counter()
-        completions = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-        raw = self.reward.score(prompts, completions).to(device)
-        stopped = torch.tensor([r == "stop" for r in out.finish_reasons], device=device)
-        scores = raw.clone()
-        if cfg.missing_eos_penalty is not None:
-            scores = torch.where(stopped, scores, scores + cfg.missing_eos_penalty)
-        t2 = time.perf_counter()
-        input_ids, attention_mask, prompt_lens, mask = (x.to(device) for x in pack_sequences(prompt_ids, completion_ids, pad_id(self.tokenizer)))
-        zeros = torch.zeros_like(mask)
-        exp = Experience(
-            input_ids, attention_mask, prompt_lens, mask,
-            old_logprobs=zeros, ref_logprobs=zeros, values=zeros, scores=scores, advantages=zeros, returns=zeros,
-        )  # fmt: skip
+        exp = experience_from_rollout(sampled.out, sampled.scores, device)
+        mask = exp.mask
         self.policy.eval()
-        exp.old_logprobs = policy_forward(self.policy, exp)[0]
-        exp.ref_logprobs = policy_forward(self.reference, exp)[0]
+        exp.old_logprobs = policy_forward(self.policy, exp)[0] * mask
+        exp.ref_logprobs = policy_forward(self.reference, exp)[0] * mask
         if self.critic is not None:
             exp.values = critic_forward(self.critic, exp) * mask
+        exp.is_weights, exp.loss_mask = rollout_correction(cfg.rollout_correction, exp.old_logprobs, exp.rollout_logprobs, mask, cfg.rollout_correction_cap)
         kl = kl_estimate(exp.old_logprobs, exp.ref_logprobs, cfg.kl_estimator) * mask
-        exp.advantages, exp.returns, _ = compute_advantages(cfg, scores, exp.values, kl, mask, self.kl_ctl.value)
+        exp.advantages, exp.returns, _ = compute_advantages(cfg, exp.scores, exp.values, kl, mask, self.kl_ctl.value)
         new_tokens = int(mask.sum())
-        t3 = time.perf_counter()
+        t2 = time.perf_counter()
+        raw = sampled.raw
         stats = {
             "reward": float(raw.mean()),
-            "reward_std": float(raw.std()) if raw.numel() > 1 else 0.0,
-            "score": float(scores.mean()),
+            **group_reward_stats(raw, cfg.samples_per_prompt),
+            "score": float(exp.scores.mean()),
             "kl": float(kl.sum(1).mean()),
             "kl_coef": self.kl_ctl.value,
             "response_length": new_tokens / len(exp),
-            "eos_rate": float(stopped.float().mean()),
+            "eos_rate": float(sampled.stopped.float().mean()),
             "rollout_tokens_per_s": new_tokens / max(t1 - t0, 1e-9),
-            "time/generate": t1 - t0,
-            "time/score": t2 - t1,
-            "time/logprobs": t3 - t2,
+            **rollout_mismatch(exp.old_logprobs, exp.rollout_logprobs, mask, cfg.rollout_correction_cap),
+            "correction/kept_tokens": float(exp.loss_mask.sum() / mask.sum().clamp(min=1)),
+            "correction/mean_weight": float(adv.masked_mean(exp.is_weights, exp.loss_mask)) if exp.loss_mask.any() else 0.0,
+            "time/generate": sampled.generate_seconds,
+            "time/score": sampled.score_seconds,
+            "time/logprobs": t2 - t1,
         }
-        return exp, stats, completions
+        if cfg.dynamic_sampling:
+            stats["dynamic/rounds"], stats["dynamic/dropped_groups"] = sampled.rounds, sampled.dropped_groups
+        return exp, stats, sampled.completions
 
     def update(self, exp: Experience) -> dict[str, float]:
         """`ppo.epochs` passes of clipped updates over shuffled minibatches of `exp`."""
@@ -241,18 +251,25 @@ class PPOTrainer:
         cfg = self.cfg
         stats: dict[str, float] = {}
         micro_batches = rows.split(cfg.micro_batch_size)
+        whole = exp.loss_mask[rows.to(exp.loss_mask.device)]
+        num_tokens, num_seqs = whole.sum().clamp(min=1.0), (whole.sum(1) > 0).sum().clamp(min=1)
         for micro in micro_batches:
             part = exp.select(micro.to(exp.input_ids.device))
             weight = len(micro) / len(rows)
             with self.accelerator.autocast():
                 logprobs, entropy = policy_forward(self.policy, part, with_entropy=True)
-                loss, pstats = ppo_policy_loss(logprobs, part.old_logprobs, part.advantages, part.mask, cfg.clip_eps)
+                pg_loss, pstats = ppo_policy_loss(
+                    logprobs, part.old_logprobs, part.advantages, part.loss_mask, cfg.clip_eps, cfg.clip_eps_high,
+                    weights=part.is_weights, aggregation=cfg.loss_aggregation, num_tokens=num_tokens, num_seqs=num_seqs,
+                )  # fmt: skip
                 mean_entropy = adv.masked_mean(entropy, part.mask)
-                loss = loss - cfg.entropy_coef * mean_entropy
+                loss = pg_loss - weight * cfg.entropy_coef * mean_entropy
                 if cfg.kl_mode == "loss":
-                    loss = loss + self.kl_ctl.value * adv.masked_mean(kl_estimate(logprobs, part.ref_logprobs, cfg.kl_estimator), part.mask)
-            self.accelerator.backward(loss * weight)
-            _add(stats, {"loss/policy": float(loss.detach()), "entropy": float(mean_entropy.detach()), "clip_frac": float(pstats["clip_frac"]), "approx_kl": float(pstats["approx_kl"])}, weight)
+                    loss = loss + weight * self.kl_ctl.value * adv.masked_mean(kl_estimate(logprobs, part.ref_logprobs, cfg.kl_estimator), part.mask)
+            self.accelerator.backward(loss)
+            _add(stats, {"loss/policy": float(loss.detach())}, 1.0)  # micro-batch losses add up to the minibatch loss
+            _add(stats, {"entropy": float(mean_entropy.detach())}, weight)
+            _add(stats, {k: float(v) for k, v in pstats.items()}, weight)
             if self.critic is not None:
                 with self.accelerator.autocast():
                     values = critic_forward(self.critic, part)
@@ -288,16 +305,18 @@ class PPOTrainer:
             acc.init_trackers("ppo")
         sampler = EpochSampler(len(self.prompts), recipe.train.seed, self.state)
         bar = tqdm(total=cfg.iterations, initial=iteration, desc="ppo", disable=not recipe.logging.progress or not acc.is_main_process, dynamic_ncols=True)
+        evaluate = evaluate or self.evaluate
         while iteration < cfg.iterations:
-            picked = sampler.next(cfg.prompts_per_iteration * acc.num_processes)[acc.process_index :: acc.num_processes]
             try:
-                exp, stats, completions = self.rollout(picked, iteration)
+                exp, stats, completions = self.rollout(sampler, iteration)
             except RewardError:
                 self.save(self.out / "checkpoints" / f"iter-{iteration:06d}-before-reward-error", iteration)
                 raise
             t0 = time.perf_counter()
+            steps_before = self.state.step
             update_stats = self.update(exp)
             iteration += 1
+            stats.update(self._health(steps_before))
             self.kl_ctl.update(stats["kl"], len(exp))
             record = {"step": iteration, "optimizer_step": self.state.step, **stats, **update_stats, "time/train": time.perf_counter() - t0}
             if self.critic is not None:
@@ -305,6 +324,7 @@ class PPOTrainer:
             record["sample"] = completions[0]
             last = iteration == cfg.iterations
             if evaluate is not None and ((cfg.eval_every and iteration % cfg.eval_every == 0) or last):
+                self.policy.eval()
                 record.update(evaluate(self.unwrapped))
             if acc.is_main_process and (iteration % recipe.logging.every == 0 or last):
                 metrics.write(record)
@@ -319,6 +339,16 @@ class PPOTrainer:
         if recipe.logging.report_to:
             acc.end_training()
         return final
+
+    def _health(self, steps_before: int) -> dict[str, float]:
+        """Ternary health (code fractions, flip rate since the last report) when the optimizer
+        step crossed a multiple of `logging.health_every` during this iteration's update."""
+        every = self.recipe.logging.health_every
+        if not every or steps_before // every == self.state.step // every:
+            return {}
+        report = ternary_health(self.unwrapped, previous=self.codes)
+        self.codes = report.codes
+        return {f"health/{k}": v for k, v in report.overall().items()}
 
     def save(self, path: Path, iteration: int) -> Path:
         if not self.accelerator.is_main_process:
@@ -351,6 +381,8 @@ class PPOTrainer:
         extra = saved.pop("extra")
         self.state = LoopState(**saved)
         self.kl_ctl.load_state_dict(extra["kl_ctl"])
+        if self.codes is not None:
+            self.codes = code_snapshot(self.unwrapped)
         return int(extra["iteration"])
 
 

@@ -140,3 +140,37 @@ def test_dpo_rewards_detached_and_errors():
         _dpo(loss_type="ipo", label_smoothing=0.1)
     with pytest.raises(ValueError):
         _dpo(loss_type="robust", label_smoothing=0.5)
+
+
+def test_loss_aggregation_modes_by_hand():
+    from bitnet_rl.rl.losses import aggregate_loss
+
+    losses = t([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    assert aggregate_loss(losses, mask, "token_mean").item() == pytest.approx(10 / 4)
+    assert aggregate_loss(losses, mask, "seq_mean_token_sum").item() == pytest.approx((6 + 4) / 2)
+    assert aggregate_loss(losses, mask, "seq_mean_token_mean").item() == pytest.approx((2 + 4) / 2)
+    # minibatch totals passed in: micro-batch losses add up to the whole batch's
+    parts = [aggregate_loss(losses[i : i + 1], mask[i : i + 1], "token_mean", num_tokens=4) for i in range(2)]
+    assert sum(p.item() for p in parts) == pytest.approx(10 / 4)
+    parts = [aggregate_loss(losses[i : i + 1], mask[i : i + 1], "seq_mean_token_mean", num_seqs=2) for i in range(2)]
+    assert sum(p.item() for p in parts) == pytest.approx(3.0)
+
+
+def test_asymmetric_clip_and_correction_weights():
+    # A > 0, ratio 1.25: clipped at 1.2 with eps_high = eps, unclipped with eps_high = 0.28 (DAPO clip-higher)
+    logprobs = t([[math.log(1.25), math.log(0.7)]])
+    old = torch.zeros(1, 2, dtype=D)
+    advs = t([[1.0, -1.0]])
+    mask = torch.ones(1, 2)
+    loss, stats = ppo_policy_loss(logprobs, old, advs, mask, clip_eps=0.2)
+    assert loss.item() == pytest.approx((-1.2 + 0.8) / 2)
+    assert stats["clip_ratio/high"].item() == 0.5 and stats["clip_ratio/low"].item() == 0.5 and stats["clip_ratio"].item() == 1.0
+    loss, stats = ppo_policy_loss(logprobs, old, advs, mask, clip_eps=0.2, clip_eps_high=0.28)
+    assert loss.item() == pytest.approx((-1.25 + 0.8) / 2)
+    assert stats["clip_ratio/high"].item() == 0.0 and stats["clip_ratio"].item() == 0.5
+    # rollout-correction weights multiply each token's clipped term; a masked token leaves the mean
+    loss, _ = ppo_policy_loss(logprobs, old, advs, mask, clip_eps=0.2, weights=t([[2.0, 0.5]]))
+    assert loss.item() == pytest.approx((-1.2 * 2.0 + 0.8 * 0.5) / 2)
+    loss, stats = ppo_policy_loss(logprobs, old, advs, torch.tensor([[1.0, 0.0]]), clip_eps=0.2)
+    assert loss.item() == pytest.approx(-1.2) and stats["clip_ratio"].item() == 1.0

@@ -47,3 +47,50 @@ def test_rloo_by_hand():
     advantages, _, _ = compute_advantages(cfg, torch.tensor([1.0, 2.0, 6.0]), torch.zeros(3, 1), torch.zeros(3, 1), mask, kl_coef=0.0)
     # r_i - mean(others): 1 - 4, 2 - 3.5, 6 - 1.5
     torch.testing.assert_close(advantages.flatten(), torch.tensor([-3.0, -1.5, 4.5]))
+
+
+def constructed_rollout():
+    from bitnet_rl.rollout.output import RolloutOutput
+
+    # prompts [1, 5, 6] and [1, 7] (right-padded with 0); completions [8, 9, 2] and [4]
+    return RolloutOutput(
+        prompt_ids=torch.tensor([[1, 5, 6], [1, 7, 0]]),
+        prompt_lengths=torch.tensor([3, 2]),
+        completion_ids=torch.tensor([[8, 9, 2], [4, 0, 0]]),
+        logprobs=torch.tensor([[-0.1, -0.2, -0.3], [-0.4, 0.0, 0.0]]),
+        logprobs_t1=torch.tensor([[-0.5, -0.6, -0.7], [-0.8, 0.0, 0.0]]),
+        lengths=torch.tensor([3, 1]),
+        finish_reasons=["stop", "length"],
+        pad_token_id=0,
+    )
+
+
+def test_experience_from_rollout_matches_the_list_path():
+    from bitnet_rl.train.experience import experience_from_rollout
+
+    out = constructed_rollout()
+    exp = experience_from_rollout(out, torch.tensor([1.0, 0.5]))
+    ids, attention, prompt_lens, mask = pack_sequences([[1, 5, 6], [1, 7]], [[8, 9, 2], [4]], pad_id=0)
+    torch.testing.assert_close(exp.input_ids, ids)
+    torch.testing.assert_close(exp.attention_mask, attention)
+    torch.testing.assert_close(exp.prompt_lens, prompt_lens)
+    torch.testing.assert_close(exp.mask, mask)
+    torch.testing.assert_close(exp.rollout_logprobs, torch.tensor([[-0.5, -0.6, -0.7], [-0.8, 0.0, 0.0]]))
+    torch.testing.assert_close(exp.is_weights, mask)
+    torch.testing.assert_close(exp.loss_mask, mask)
+    assert exp.scores.tolist() == [1.0, 0.5]
+
+
+def test_select_and_concat_rollouts_round_trip():
+    from bitnet_rl.train.experience import concat_rollouts, experience_from_rollout, select_rollout
+
+    out = constructed_rollout()
+    second = select_rollout(out, torch.tensor([1]))
+    assert second.completion_ids.tolist() == [[4]] and second.prompt_ids.tolist() == [[1, 7]] and second.finish_reasons == ["length"]
+    joined = concat_rollouts([select_rollout(out, torch.tensor([0])), second])
+    for name in ("prompt_ids", "prompt_lengths", "completion_ids", "logprobs_t1", "lengths"):
+        torch.testing.assert_close(getattr(joined, name), getattr(out, name))
+    assert joined.finish_reasons == out.finish_reasons
+    a = experience_from_rollout(joined, torch.zeros(2))
+    b = experience_from_rollout(out, torch.zeros(2))
+    torch.testing.assert_close(a.input_ids, b.input_ids)

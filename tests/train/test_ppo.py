@@ -76,10 +76,14 @@ def test_rl_raises_heldout_reward(sft_dir, tmp_path, estimator):
         assert "loss/value" in rows[-1] and "explained_variance" in rows[-1]
 
 
-def test_resume_matches_uninterrupted_run(sft_dir, tmp_path):
+@pytest.mark.parametrize("estimator", ["gae", "grpo"])
+def test_resume_matches_uninterrupted_run(sft_dir, tmp_path, estimator):
     a, b = tmp_path / "a", tmp_path / "b"
-    run_ppo(ppo_recipe(a, sft_dir, iterations=4, prompts_per_iteration=16, minibatch_size=8, micro_batch_size=8, adaptive_kl=True, kl_target=0.1))
-    recipe_b = ppo_recipe(b, sft_dir, iterations=4, prompts_per_iteration=16, minibatch_size=8, micro_batch_size=8, adaptive_kl=True, kl_target=0.1)
+    extra = {"advantage": estimator, "adaptive_kl": True, "kl_target": 0.1}
+    if estimator == "grpo":  # dynamic sampling draws extra prompts: the sampler position must resume too
+        extra.update(samples_per_prompt=4, prompts_per_iteration=4, dynamic_sampling=True, loss_aggregation="seq_mean_token_mean", clip_eps_high=0.28)
+    run_ppo(ppo_recipe(a, sft_dir, **{"iterations": 4, "prompts_per_iteration": 16, "minibatch_size": 8, "micro_batch_size": 8, **extra}))
+    recipe_b = ppo_recipe(b, sft_dir, **{"iterations": 4, "prompts_per_iteration": 16, "minibatch_size": 8, "micro_batch_size": 8, **extra})
     recipe_b.checkpoint.every = 2
     run_ppo(recipe_b)
     run_ppo(recipe_b, resume=str(b / "checkpoints" / "step-0000002"))
@@ -88,8 +92,9 @@ def test_resume_matches_uninterrupted_run(sft_dir, tmp_path):
     assert [r["step"] for r in rows_b] == [1, 2, 3, 4]
     for ra, rb in zip(rows_a, rows_b):
         assert rb["sample"] == ra["sample"]
-        for key in ("reward", "kl", "kl_coef", "loss/policy", "loss/value"):
-            assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=1e-6), key
+        for key in ("reward", "kl", "kl_coef", "loss/policy", "loss/value", "dynamic/rounds"):
+            if key in ra:
+                assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=1e-6), key
     pa, pb = load_policy(a / "final"), load_policy(b / "final")
     for (name, x), (_, y) in zip(pa.state_dict().items(), pb.state_dict().items()):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=name)
@@ -108,3 +113,39 @@ def test_reward_error_saves_a_checkpoint_and_names_the_reward(sft_dir, tmp_path)
 def test_group_estimators_need_several_samples(sft_dir, tmp_path):
     with pytest.raises(UserError, match="samples_per_prompt"):
         run_ppo(ppo_recipe(tmp_path, sft_dir, advantage="grpo", samples_per_prompt=1))
+
+
+def test_cli_eval_every_health_and_mismatch_are_logged(sft_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from bitnet_rl.cli import app
+
+    out = tmp_path / "run"
+    args = ["ppo", "--model", str(sft_dir), "--out", str(out), "--reward", REWARD, "ppo.advantage=grpo", "ppo.samples_per_prompt=4",
+            "ppo.prompts_per_iteration=4", "ppo.minibatch_size=16", "ppo.micro_batch_size=8", "ppo.iterations=3", "ppo.eval_every=2",
+            "ppo.eval_prompts=16", "rollout.max_new_tokens=8", "logging.health_every=2", "logging.progress=false"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert ["eval/reward" in r for r in rows] == [False, True, True]  # every 2 iterations, and at the end
+    assert 0.0 <= rows[1]["eval/accuracy"] <= 1.0 and rows[1]["eval/reward"] >= 0.0
+    assert ["health/flip_rate" in r for r in rows] == [True, True, True]  # 2 optimizer steps per iteration
+    assert all(0.0 <= r["health/flip_rate"] < 0.5 for r in rows)
+    for key in ("mismatch/kl_k3", "mismatch/abs_logp_diff", "mismatch/ratio_p01", "mismatch/ratio_p50", "mismatch/ratio_p99",
+                "mismatch/frac_outside", "frac_reward_zero_std", "clip_ratio", "clip_ratio/high"):  # fmt: skip
+        assert key in rows[-1], key
+    # at λ = 1 on CPU the packed generator computes the policy's function: the ratios are 1
+    assert rows[-1]["mismatch/abs_logp_diff"] < 1e-4 and rows[-1]["mismatch/ratio_p50"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_packed_rollouts_during_lambda_warmup_need_a_correction(sft_dir, tmp_path):
+    recipe = ppo_recipe(tmp_path, sft_dir, iterations=1, prompts_per_iteration=8, minibatch_size=8, micro_batch_size=8, rollout_correction="none")
+    recipe.quant.schedule.kind, recipe.quant.schedule.warmup_steps = "linear", 10
+    with pytest.raises(UserError, match="rollout_correction"):
+        run_ppo(recipe)
+    recipe.ppo.rollout_correction = "token_tis"
+    final = run_ppo(recipe)
+    row = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    # λ = 0 policy vs ternary generator: a real mismatch, measured and corrected
+    assert row["mismatch/abs_logp_diff"] > 1e-3 and row["lambda"] < 1.0
+    assert row["correction/mean_weight"] <= 2.0 and (final / "config.json").is_file()
