@@ -18,7 +18,7 @@ import torch
 from bitnet_rl.data.demo import format_completion, make_prompts
 from bitnet_rl.data.sft import tokenize_sft
 from bitnet_rl.data.tokenizer import pad_id
-from bitnet_rl.models.io import load_tokenizer, save_checkpoint
+from bitnet_rl.models.io import load_policy, load_tokenizer, save_checkpoint
 from bitnet_rl.recipe import Recipe, TinyModelConfig, validate
 from bitnet_rl.rewards.python_fn import PythonReward
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclass
@@ -36,3 +37,26 @@ class RolloutOutput:
     def completions(self) -> list[list[int]]:
         """The generated token ids of each row, without padding."""
         return [row[: int(n)].tolist() for row, n in zip(self.completion_ids, self.lengths)]
+
+
+def concat_rollouts(parts: list[RolloutOutput]) -> RolloutOutput:
+    """One `RolloutOutput` with the rows of `parts` in order, right-padded to the widest part."""
+    if len(parts) == 1:
+        return parts[0]
+
+    def cat(name: str, fill) -> torch.Tensor:
+        tensors = [getattr(p, name) for p in parts]
+        width = max(t.shape[1] for t in tensors)
+        return torch.cat([F.pad(t, (0, width - t.shape[1]), value=fill) for t in tensors])
+
+    pad = parts[0].pad_token_id
+    return RolloutOutput(
+        prompt_ids=cat("prompt_ids", pad),
+        prompt_lengths=torch.cat([p.prompt_lengths for p in parts]),
+        completion_ids=cat("completion_ids", pad),
+        logprobs=cat("logprobs", 0.0),
+        logprobs_t1=cat("logprobs_t1", 0.0),
+        lengths=torch.cat([p.lengths for p in parts]),
+        finish_reasons=[r for p in parts for r in p.finish_reasons],
+        pad_token_id=pad,
+    )

@@ -30,14 +30,13 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from bitnet_rl.errors import UserError
 from bitnet_rl.quant.kernels.backend import use_triton
 from bitnet_rl.rollout import forward
 from bitnet_rl.rollout.arch import Arch, inspect_policy
 from bitnet_rl.rollout.forward import DecodeState, Work
-from bitnet_rl.rollout.output import RolloutOutput
+from bitnet_rl.rollout.output import RolloutOutput, concat_rollouts
 from bitnet_rl.rollout.sampling import checked_request, prompt_lists, sample_tokens
 from bitnet_rl.rollout.tuning import Tuner
 from bitnet_rl.rollout.weights import PackedModel
@@ -249,7 +248,7 @@ class PackedGenerator:
             self._generate_batch(prompts[i : i + self.max_batch_size], max_new_tokens, stop_ids, sampling)
             for i in range(0, len(prompts), self.max_batch_size)
         ]
-        return _concat_outputs(parts, self.arch.pad_token_id)
+        return concat_rollouts(parts)
 
     def _generate_batch(self, prompts: list[list[int]], max_new_tokens: int, stop_ids: torch.Tensor, sampling: dict) -> RolloutOutput:
         pad, dev = self.arch.pad_token_id, self.device
@@ -349,24 +348,3 @@ class _ActiveCount:
             return None
         self.pending.synchronize()
         return int(self.host)
-
-
-def _concat_outputs(parts: list[RolloutOutput], pad: int) -> RolloutOutput:
-    if len(parts) == 1:
-        return parts[0]
-
-    def cat(name: str, fill) -> torch.Tensor:
-        tensors = [getattr(p, name) for p in parts]
-        width = max(t.shape[1] for t in tensors)
-        return torch.cat([F.pad(t, (0, width - t.shape[1]), value=fill) for t in tensors])
-
-    return RolloutOutput(
-        prompt_ids=cat("prompt_ids", pad),
-        prompt_lengths=torch.cat([p.prompt_lengths for p in parts]),
-        completion_ids=cat("completion_ids", pad),
-        logprobs=cat("logprobs", 0.0),
-        logprobs_t1=cat("logprobs_t1", 0.0),
-        lengths=torch.cat([p.lengths for p in parts]),
-        finish_reasons=[r for p in parts for r in p.finish_reasons],
-        pad_token_id=pad,
-    )

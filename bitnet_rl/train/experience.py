@@ -102,29 +102,6 @@ def select_rollout(out: RolloutOutput, rows: torch.Tensor) -> RolloutOutput:
     )
 
 
-def concat_rollouts(parts: list[RolloutOutput]) -> RolloutOutput:
-    """One `RolloutOutput` with the rows of `parts` in order, right-padded to the widest part."""
-    if len(parts) == 1:
-        return parts[0]
-
-    def cat(name: str, fill) -> torch.Tensor:
-        tensors = [getattr(p, name) for p in parts]
-        width = max(t.shape[1] for t in tensors)
-        return torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1]), value=fill) for t in tensors])
-
-    pad = parts[0].pad_token_id
-    return RolloutOutput(
-        prompt_ids=cat("prompt_ids", pad),
-        prompt_lengths=torch.cat([p.prompt_lengths for p in parts]),
-        completion_ids=cat("completion_ids", pad),
-        logprobs=cat("logprobs", 0.0),
-        logprobs_t1=cat("logprobs_t1", 0.0),
-        lengths=torch.cat([p.lengths for p in parts]),
-        finish_reasons=[r for p in parts for r in p.finish_reasons],
-        pad_token_id=pad,
-    )
-
-
 def pack_sequences(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, ...]:
     """(input_ids (B, L), attention_mask (B, L), prompt_lens (B,), mask (B, T)) from token lists."""
     input_ids, attention_mask = right_pad([p + c for p, c in zip(prompt_ids, completion_ids)], pad_id)

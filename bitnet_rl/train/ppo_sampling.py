@@ -19,7 +19,8 @@ import torch
 from bitnet_rl.recipe import PPOConfig, RolloutConfig
 from bitnet_rl.rl.shaping import overlong_penalty, tied_groups
 from bitnet_rl.rollout.output import RolloutOutput
-from bitnet_rl.train.experience import concat_rollouts, select_rollout
+from bitnet_rl.rollout.output import concat_rollouts
+from bitnet_rl.train.experience import select_rollout
 
 
 @dataclass

@@ -14,7 +14,7 @@ datasets = pytest.importorskip("datasets")
 
 from bitnet_rl import BitNetCallback, lambda_at, prepare  # noqa: E402
 from bitnet_rl.data.demo import make_sft_records  # noqa: E402
-from bitnet_rl.quant.bitlinear import bitlinear_modules, get_lambda  # noqa: E402
+from bitnet_rl.quant.bitlinear import get_lambda  # noqa: E402
 from bitnet_rl.recipe import TinyModelConfig  # noqa: E402
 
 SHAPE = TinyModelConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, intermediate_size=64)

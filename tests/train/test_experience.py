@@ -82,7 +82,8 @@ def test_experience_from_rollout_matches_the_list_path():
 
 
 def test_select_and_concat_rollouts_round_trip():
-    from bitnet_rl.train.experience import concat_rollouts, experience_from_rollout, select_rollout
+    from bitnet_rl.rollout.output import concat_rollouts
+    from bitnet_rl.train.experience import experience_from_rollout, select_rollout
 
     out = constructed_rollout()
     second = select_rollout(out, torch.tensor([1]))

@@ -6,7 +6,6 @@ import shutil
 import subprocess
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from bitnet_rl.cli import app
