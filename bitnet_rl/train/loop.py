@@ -117,10 +117,16 @@ def make_accelerator(recipe: Recipe, out_dir: Path):
     return Accelerator(**kwargs)
 
 
-def build_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, recipe: Recipe, lr: float | None = None) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters (`lr` overrides `optimizer.lr`, e.g. for a critic).
+
+    On a CUDA machine the fused kernel is used: one launch per step instead of several per
+    parameter group (measured on an H200, 2B4T PPO update: 2.58 s → 2.02 s, benchmarks/ppo_update.py).
+    """
     opt = recipe.optimizer
     params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(params, lr=opt.lr, betas=opt.betas, eps=opt.eps, weight_decay=opt.weight_decay)
+    fused = torch.cuda.is_available() or None
+    return torch.optim.AdamW(params, lr=opt.lr if lr is None else lr, betas=opt.betas, eps=opt.eps, weight_decay=opt.weight_decay, fused=fused)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:

@@ -128,12 +128,7 @@ class PPOTrainer:
         self.scheduler = build_scheduler(self.optimizer, recipe, total_steps=self.total_optimizer_steps())
         self.policy, self.optimizer = self.accelerator.prepare(self.policy, self.optimizer)
         if self.critic is not None:
-            self.critic_optimizer = torch.optim.AdamW(
-                [p for p in self.critic.parameters() if p.requires_grad],
-                lr=cfg.critic_lr or recipe.optimizer.lr,
-                betas=recipe.optimizer.betas,
-                weight_decay=recipe.optimizer.weight_decay,
-            )
+            self.critic_optimizer = build_optimizer(self.critic, recipe, lr=cfg.critic_lr or recipe.optimizer.lr)
             self.critic, self.critic_optimizer = self.accelerator.prepare(self.critic, self.critic_optimizer)
         self.reference.to(self.accelerator.device)
         self.kl_ctl = kl_controller(cfg)
