@@ -1,4 +1,9 @@
+import os
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 from bitnet_rl.quickstart import DPO_RECIPE, PPO_RECIPE, RM_RECIPE, SFT_RECIPE, TINY_SHAPE, format_table
 from bitnet_rl.recipe import read_yaml
@@ -31,3 +36,25 @@ def test_shipped_grpo_recipe_is_the_quickstart_grpo_stage():
 
     grpo = read_yaml(ROOT / "grpo.yaml")
     assert _without(grpo, "out", "model") == {**GRPO_RECIPE, "ppo": {**GRPO_RECIPE["ppo"], "rewards": grpo["ppo"]["rewards"]}}
+
+
+@pytest.mark.slow
+def test_quickstart_end_to_end(tmp_path):
+    """The README's first command, as a user runs it: every stage, the table and the closing eval report."""
+    out = tmp_path / "qs"
+    result = subprocess.run(
+        [sys.executable, "-m", "bitnet_rl.cli", "quickstart", "--no-progress", "--out", str(out)],
+        capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {}
+    for line in result.stdout.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 8 and cells[1].endswith("%") and cells[0] != "stage":
+            rows[cells[0]] = {"accuracy": float(cells[1][:-1]), "sampled_reward": float(cells[3])}
+    assert list(rows) == ["init", "sft", "dpo", "grpo-python", "ppo-rm"], result.stdout[-3000:]
+    assert rows["sft"]["accuracy"] > rows["init"]["accuracy"] + 30
+    assert rows["dpo"]["accuracy"] > rows["sft"]["accuracy"] + 5
+    assert rows["grpo-python"]["sampled_reward"] > rows["sft"]["sampled_reward"] + 0.03
+    assert rows["ppo-rm"]["accuracy"] >= rows["sft"]["accuracy"] - 3  # the learned RM is no longer gamed
+    assert "## Summary" in (out / "eval" / "report.md").read_text()
