@@ -343,7 +343,7 @@ class PPOTrainer:
             return {}
         report = ternary_health(self.unwrapped, previous=self.codes)
         self.codes = report.codes
-        return {f"health/{k}": v for k, v in report.overall().items()}
+        return report.overall()  # the same keys as SFT/DPO/RM (flip_rate, code fractions), so one set of curves reads every run
 
     def save(self, path: Path, iteration: int) -> Path:
         if not self.accelerator.is_main_process:

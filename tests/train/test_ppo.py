@@ -129,8 +129,8 @@ def test_cli_eval_every_health_and_mismatch_are_logged(sft_dir, tmp_path):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert ["eval/reward" in r for r in rows] == [False, True, True]  # every 2 iterations, and at the end
     assert 0.0 <= rows[1]["eval/accuracy"] <= 1.0 and rows[1]["eval/reward"] >= 0.0
-    assert ["health/flip_rate" in r for r in rows] == [True, True, True]  # 2 optimizer steps per iteration
-    assert all(0.0 <= r["health/flip_rate"] < 0.5 for r in rows)
+    assert ["flip_rate" in r for r in rows] == [True, True, True]  # 2 optimizer steps per iteration
+    assert all(0.0 <= r["flip_rate"] < 0.5 for r in rows)
     for key in ("mismatch/kl_k3", "mismatch/abs_logp_diff", "mismatch/ratio_p01", "mismatch/ratio_p50", "mismatch/ratio_p99",
                 "mismatch/frac_outside", "frac_reward_zero_std", "clip_ratio", "clip_ratio/high"):  # fmt: skip
         assert key in rows[-1], key
