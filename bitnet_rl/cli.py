@@ -114,7 +114,7 @@ def sft(
     from bitnet_rl.recipe import load_recipe
     from bitnet_rl.train.sft import run_sft
 
-    resolved = load_recipe(recipe, list(overrides or []) + flag_overrides(model, data, None if out is None else str(out)))
+    resolved = load_recipe(recipe, list(overrides or []) + flag_overrides(model, data, None if out is None else str(out)), stage="sft")
     configure_progress(resolved.logging.progress)
     finished(run_sft(resolved, resume=resume, overwrite=overwrite))
 
@@ -132,10 +132,10 @@ def dpo(
 ) -> None:
     """Direct preference optimization against a frozen (2-bit ternary) reference."""
     from bitnet_rl.recipe import load_recipe
-    from bitnet_rl.train.dpo import DPO_DEFAULTS, run_dpo
+    from bitnet_rl.train.dpo import run_dpo
 
     extra = flag_overrides(model, prefs, None if out is None else str(out))
-    resolved = load_recipe(recipe, list(overrides or []) + extra, base=DPO_DEFAULTS)
+    resolved = load_recipe(recipe, list(overrides or []) + extra, stage="dpo")
     configure_progress(resolved.logging.progress)
     finished(run_dpo(resolved, resume=resume, overwrite=overwrite))
 
@@ -153,10 +153,10 @@ def rm(
 ) -> None:
     """Train a Bradley-Terry reward model (BitLinear backbone + scalar head)."""
     from bitnet_rl.recipe import load_recipe
-    from bitnet_rl.train.rm import RM_DEFAULTS, run_rm
+    from bitnet_rl.train.rm import run_rm
 
     extra = flag_overrides(model, prefs, None if out is None else str(out))
-    resolved = load_recipe(recipe, list(overrides or []) + extra, base=RM_DEFAULTS)
+    resolved = load_recipe(recipe, list(overrides or []) + extra, stage="rm")
     configure_progress(resolved.logging.progress)
     finished(run_rm(resolved, resume=resume, overwrite=overwrite))
 
@@ -175,10 +175,10 @@ def ppo(
 ) -> None:
     """PPO / GRPO / RLOO / REINFORCE++ with a KL penalty to the frozen reference, sampling with the packed generator."""
     from bitnet_rl.recipe import RewardSpec, load_recipe
-    from bitnet_rl.train.ppo import PPO_DEFAULTS, run_ppo
+    from bitnet_rl.train.ppo import run_ppo
 
     extra = flag_overrides(model, None, None if out is None else str(out), **{"ppo.prompts": prompts})
-    resolved = load_recipe(recipe, list(overrides or []) + extra, base=PPO_DEFAULTS)
+    resolved = load_recipe(recipe, list(overrides or []) + extra, stage="ppo")
     if reward:
         resolved.ppo.rewards = [RewardSpec(source=spec) for spec in reward]
     configure_progress(resolved.logging.progress)
@@ -298,14 +298,18 @@ def export(
 def recipe_show(
     recipe: Path = typer.Argument(..., help="A recipe YAML file."),
     overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP),
+    stage: Optional[str] = typer.Option(None, "--stage", help="The command it is for: sft, dpo, rm or ppo (default: from its sections; rm needs --stage rm)."),
 ) -> None:
-    """Print the resolved recipe (defaults, file and overrides merged) as YAML."""
+    """Print the resolved recipe as the command will run it (its defaults, the file and overrides merged), as YAML."""
     import yaml
 
-    from bitnet_rl.recipe import load_recipe
+    from bitnet_rl.recipe import STAGE_DEFAULTS, infer_stage, load_recipe, read_yaml
 
-    resolved = load_recipe(recipe, overrides)
-    typer.echo(yaml.safe_dump(json.loads(resolved.model_dump_json()), sort_keys=False))
+    if stage is not None and stage not in STAGE_DEFAULTS:
+        raise UserError(f"--stage {stage!r}: use one of {', '.join(STAGE_DEFAULTS)}")
+    stage = stage or infer_stage(read_yaml(recipe))
+    resolved = load_recipe(recipe, overrides, stage=stage)
+    typer.echo(f"# what `bitnet-rl {stage}` runs with\n" + yaml.safe_dump(json.loads(resolved.model_dump_json()), sort_keys=False))
 
 
 @recipe_app.command("reference")

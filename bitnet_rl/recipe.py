@@ -290,13 +290,69 @@ def validate(model_cls: type[Section], data: dict[str, Any], source: str) -> Sec
         raise UserError(f"{source}: {key}: {first['msg']} (got {first.get('input')!r})") from None
 
 
-def load_recipe(path: str | Path | None, overrides: list[str] | None = None, model_cls: type[Section] = Recipe, base: dict[str, Any] | None = None) -> Section:
-    """Read a YAML recipe (or start from `base`/defaults when `path` is None), apply overrides, validate."""
-    data = copy.deepcopy(base or {})  # overrides edit nested sections in place: never a caller's defaults
-    if path is not None:
-        data = _deep_merge(data, read_yaml(path))
-    data = apply_overrides(data, list(overrides or []))
+# Defaults each command runs with where its recipe is silent: the one place they live (the README's
+# per-command table is generated from it). sft needs a recipe file; dpo/rm/ppo run without one.
+STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "sft": {},
+    "dpo": {  # TRL's DPO defaults where they apply
+        "out": "runs/dpo",
+        "optimizer": {"lr": 1e-6},
+        "scheduler": {"kind": "cosine", "warmup_steps": 10},
+        "train": {"max_steps": 500, "batch_size": 8},
+        "data": {"format": "prefs", "max_length": 1024, "max_prompt_length": 512, "val_fraction": 0.05},
+    },
+    "rm": {
+        "out": "runs/rm",
+        "optimizer": {"lr": 1e-5},
+        "scheduler": {"kind": "cosine", "warmup_steps": 10},
+        "train": {"max_steps": 500, "batch_size": 8},
+        "data": {"format": "prefs", "max_length": 1024, "max_prompt_length": 512, "val_fraction": 0.05},
+    },
+    "ppo": {"out": "runs/ppo", "optimizer": {"lr": 1e-6}, "scheduler": {"kind": "constant"}},
+}
+# Sections that only one command reads: a recipe for another command that sets them is a mistake
+# (it would be ignored without a word).
+STAGE_ONLY_SECTIONS: dict[str, tuple[str, ...]] = {"dpo": ("dpo",), "ppo": ("rollout", "ppo")}
+
+
+def infer_stage(data: dict[str, Any]) -> str:
+    """The command a recipe is for, from the command-only sections it sets (sft when it sets none)."""
+    for stage, sections in STAGE_ONLY_SECTIONS.items():
+        if any(section in data for section in sections):
+            return stage
+    return "sft"
+
+
+def check_stage_keys(data: dict[str, Any], stage: str, source: str) -> None:
+    """Refuse a key of another command's section (e.g. `dpo.beta` in an sft recipe), naming it."""
+    for owner, sections in STAGE_ONLY_SECTIONS.items():
+        for section in sections:
+            if owner == stage or section not in data:
+                continue
+            value = data[section]
+            key = f"{section}.{next(iter(value))}" if isinstance(value, dict) and value else section
+            raise UserError(f"{source}: {key} is a `bitnet-rl {owner}` key, but this recipe runs `bitnet-rl {stage}`")
+
+
+def load_recipe(
+    path: str | Path | None,
+    overrides: list[str] | None = None,
+    model_cls: type[Section] = Recipe,
+    base: dict[str, Any] | None = None,
+    stage: str | None = None,
+) -> Section:
+    """Read a YAML recipe (or start from `base`/defaults when `path` is None), apply overrides, validate.
+
+    With `stage` (sft | dpo | rm | ppo), `base` defaults to that command's `STAGE_DEFAULTS`, and a
+    key of another command's section in the file or the overrides is an error."""
+    if stage is not None and base is None:
+        base = STAGE_DEFAULTS[stage]
     source = str(path) if path is not None else "recipe"
+    own = read_yaml(path) if path is not None else {}
+    if stage is not None:
+        check_stage_keys(apply_overrides(copy.deepcopy(own), list(overrides or [])), stage, source)
+    data = _deep_merge(copy.deepcopy(base or {}), own)  # deep copy: overrides edit sections in place, never a caller's defaults
+    data = apply_overrides(data, list(overrides or []))
     return validate(model_cls, data, source)
 
 

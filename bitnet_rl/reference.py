@@ -13,11 +13,9 @@ from bitnet_rl.recipe import Recipe
 
 def command_recipe_defaults() -> dict[str, dict[str, Any]]:
     """The defaults each command merges under a recipe file (sft has none: its recipe file is required)."""
-    from bitnet_rl.train.dpo import DPO_DEFAULTS
-    from bitnet_rl.train.ppo import PPO_DEFAULTS
-    from bitnet_rl.train.rm import RM_DEFAULTS
+    from bitnet_rl.recipe import STAGE_DEFAULTS
 
-    return {"sft": {}, "dpo": DPO_DEFAULTS, "rm": RM_DEFAULTS, "ppo": PPO_DEFAULTS}
+    return STAGE_DEFAULTS
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:

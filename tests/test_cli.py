@@ -31,11 +31,30 @@ def test_recipe_show_resolves_overrides(tmp_path):
     assert "lr: 0.001" in result.output and "max_steps: 5" in result.output
 
 
+def test_recipe_show_prints_what_the_command_runs_with(tmp_path):
+    """A DPO recipe shows DPO's own defaults (lr 1e-6, max_length 1024), not the schema's (1e-4, 512)."""
+    import yaml
+
+    path = tmp_path / "dpo.yaml"
+    path.write_text("dpo:\n  beta: 0.2\n")
+    result = runner.invoke(app, ["recipe", "show", str(path)])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("# what `bitnet-rl dpo` runs with")
+    shown = yaml.safe_load(result.output)
+    assert shown["optimizer"]["lr"] == 1e-6 and shown["data"]["max_length"] == 1024 and shown["dpo"]["beta"] == 0.2
+    rm = yaml.safe_load(runner.invoke(app, ["recipe", "show", str(tmp_path / "dpo.yaml"), "--stage", "dpo"]).output)
+    assert rm == shown
+    path.write_text("train:\n  max_steps: 3\n")
+    rm = yaml.safe_load(runner.invoke(app, ["recipe", "show", str(path), "--stage", "rm"]).output)
+    assert rm["optimizer"]["lr"] == 1e-5 and rm["out"] == "runs/rm" and rm["train"]["max_steps"] == 3
+
+
 @pytest.mark.parametrize(
     "args, match",
     [
         (["info", "/nonexistent/model"], "model directory not found"),
         (["recipe", "show", "/nonexistent.yaml"], "recipe not found"),
+        (["recipe", "show", "recipes/tiny/sft.yaml", "--stage", "kto"], "--stage 'kto': use one of sft, dpo, rm, ppo"),
     ],
 )
 def test_user_errors_exit_2_with_one_line(args, match):

@@ -71,3 +71,41 @@ def test_overrides_never_change_the_base_defaults():
     base = {"train": {"max_steps": 500}}
     assert load_recipe(None, ["train.max_steps=3"], base=base).train.max_steps == 3
     assert base == {"train": {"max_steps": 500}}
+
+
+@pytest.mark.parametrize(
+    "stage, text, overrides, match",
+    [
+        ("sft", "dpo:\n  beta: 0.2\n", [], r"r.yaml: dpo.beta is a `bitnet-rl dpo` key, but this recipe runs `bitnet-rl sft`"),
+        ("sft", "", ["ppo.kl_coef=0.1"], r"ppo.kl_coef is a `bitnet-rl ppo` key, but this recipe runs `bitnet-rl sft`"),
+        ("dpo", "rollout:\n  temperature: 0.7\n", [], r"rollout.temperature is a `bitnet-rl ppo` key"),
+        ("rm", "dpo:\n  beta: 0.2\n", [], r"dpo.beta is a `bitnet-rl dpo` key, but this recipe runs `bitnet-rl rm`"),
+        ("ppo", "dpo: {}\n", [], r"r.yaml: dpo is a `bitnet-rl dpo` key, but this recipe runs `bitnet-rl ppo`"),
+    ],
+)
+def test_a_key_of_another_command_is_an_error(tmp_path, stage, text, overrides, match):
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    with pytest.raises(UserError, match=match):
+        load_recipe(path, overrides, stage=stage)
+
+
+def test_stage_defaults_apply_under_the_file_and_overrides(tmp_path):
+    from bitnet_rl.recipe import STAGE_DEFAULTS
+
+    path = tmp_path / "r.yaml"
+    path.write_text("dpo:\n  beta: 0.2\ntrain:\n  batch_size: 4\n")
+    recipe = load_recipe(path, ["data.max_length=256"], stage="dpo")
+    expected = STAGE_DEFAULTS["dpo"]
+    assert recipe.optimizer.lr == expected["optimizer"]["lr"] != Recipe().optimizer.lr  # the command's default, not the schema's
+    assert recipe.train.max_steps == expected["train"]["max_steps"] and recipe.train.batch_size == 4  # the file wins
+    assert recipe.data.max_length == 256 and recipe.data.max_prompt_length == expected["data"]["max_prompt_length"]
+    assert recipe.dpo.beta == 0.2
+    assert STAGE_DEFAULTS["dpo"]["data"]["max_length"] == 1024  # loading never edits the defaults
+
+
+@pytest.mark.parametrize("sections, stage", [({}, "sft"), ({"dpo": {}}, "dpo"), ({"ppo": {"kl_coef": 0.1}}, "ppo"), ({"rollout": {}}, "ppo")])
+def test_infer_stage(sections, stage):
+    from bitnet_rl.recipe import infer_stage
+
+    assert infer_stage({"optimizer": {"lr": 1e-3}, **sections}) == stage

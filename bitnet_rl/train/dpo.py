@@ -23,19 +23,12 @@ from bitnet_rl.data.tokenizer import pad_id
 from bitnet_rl.models.build import build_policy
 from bitnet_rl.models.forward import token_logprobs
 from bitnet_rl.models.frozen import frozen_ternary_copy
-from bitnet_rl.recipe import DPOConfig, Recipe
+from bitnet_rl.recipe import STAGE_DEFAULTS, DPOConfig, Recipe
 from bitnet_rl.rl.losses import dpo_loss, sequence_logps
 from bitnet_rl.train.loop import Stage, current_lambda, train
 from bitnet_rl.train.rundir import check_run
 
-# Defaults for `bitnet-rl dpo` without a recipe (TRL's DPO defaults where they apply).
-DPO_DEFAULTS: dict[str, Any] = {
-    "out": "runs/dpo",
-    "optimizer": {"lr": 1e-6},
-    "scheduler": {"kind": "cosine", "warmup_steps": 10},
-    "train": {"max_steps": 500, "batch_size": 8},
-    "data": {"format": "prefs", "max_length": 1024, "max_prompt_length": 512, "val_fraction": 0.05},
-}
+DPO_DEFAULTS = STAGE_DEFAULTS["dpo"]  # `bitnet-rl dpo` without a recipe (recipe.STAGE_DEFAULTS)
 
 
 def pair_logps(model: nn.Module, batch: dict[str, torch.Tensor], average: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,7 +18,6 @@ import json
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn as nn
@@ -33,18 +32,25 @@ from bitnet_rl.models.io import prompt_format_of, save_checkpoint
 from bitnet_rl.models.value import load_scalar_model
 from bitnet_rl.quant.bitlinear import set_lambda
 from bitnet_rl.quant.health import code_snapshot, ternary_health
-from bitnet_rl.recipe import PPOConfig, Recipe
+from bitnet_rl.recipe import STAGE_DEFAULTS, PPOConfig, Recipe
 from bitnet_rl.rewards import RewardError, RewardSource, load_rewards
 from bitnet_rl.rl import advantages as adv
 from bitnet_rl.rl.correction import rollout_correction, rollout_mismatch
-from bitnet_rl.rl.estimators import ADVANTAGE_ESTIMATORS, AdvantageInputs, estimate_advantages
+from bitnet_rl.rl.estimators import (
+    ADVANTAGE_ESTIMATORS,
+    AdvantageInputs,
+    estimate_advantages,
+)
 from bitnet_rl.rl.kl import AdaptiveKLController, FixedKLController, kl_estimate
 from bitnet_rl.rl.losses import explained_variance, ppo_policy_loss, value_loss
 from bitnet_rl.rl.shaping import group_reward_stats
 from bitnet_rl.rollout import make_generator
-from bitnet_rl.train.experience import Experience, critic_forward, experience_from_rollout, policy_forward
-from bitnet_rl.train.ppo_eval import heldout_prompts, make_evaluator
-from bitnet_rl.train.ppo_sampling import sample_groups, sample_round
+from bitnet_rl.train.experience import (
+    Experience,
+    critic_forward,
+    experience_from_rollout,
+    policy_forward,
+)
 from bitnet_rl.train.loop import (
     EpochSampler,
     LoopState,
@@ -58,13 +64,11 @@ from bitnet_rl.train.loop import (
     prune_checkpoints,
     save_rng,
 )
+from bitnet_rl.train.ppo_eval import heldout_prompts, make_evaluator
+from bitnet_rl.train.ppo_sampling import sample_groups, sample_round
 from bitnet_rl.train.rundir import begin_run, check_not_finished, check_run
 
-PPO_DEFAULTS: dict[str, Any] = {
-    "out": "runs/ppo",
-    "optimizer": {"lr": 1e-6},
-    "scheduler": {"kind": "constant"},
-}
+PPO_DEFAULTS = STAGE_DEFAULTS["ppo"]  # `bitnet-rl ppo` without a recipe (recipe.STAGE_DEFAULTS)
 
 
 def kl_controller(cfg: PPOConfig):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn as nn
@@ -25,18 +24,12 @@ from bitnet_rl.errors import UserError
 from bitnet_rl.models.build import resolve_dtype, resolve_model_dir
 from bitnet_rl.models.io import load_tokenizer
 from bitnet_rl.models.value import load_scalar_model, sequence_scores
-from bitnet_rl.recipe import Recipe
+from bitnet_rl.recipe import STAGE_DEFAULTS, Recipe
 from bitnet_rl.train.loop import Stage, current_lambda, train
 from bitnet_rl.train.rundir import check_run
 
 STATS_FILE = "reward_stats.json"
-RM_DEFAULTS: dict[str, Any] = {
-    "out": "runs/rm",
-    "optimizer": {"lr": 1e-5},
-    "scheduler": {"kind": "cosine", "warmup_steps": 10},
-    "train": {"max_steps": 500, "batch_size": 8},
-    "data": {"format": "prefs", "max_length": 1024, "max_prompt_length": 512, "val_fraction": 0.05},
-}
+RM_DEFAULTS = STAGE_DEFAULTS["rm"]  # `bitnet-rl rm` without a recipe (recipe.STAGE_DEFAULTS)
 
 
 def pair_scores(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
