@@ -25,7 +25,6 @@ from bitnet_rl.data.tokenizer import pad_id
 from bitnet_rl.errors import UserError
 from bitnet_rl.models.build import build_policy, resolve_dtype, resolve_model_dir
 from bitnet_rl.models.convert import enable_checkpointing
-from bitnet_rl.models.frozen import frozen_ternary_copy
 from bitnet_rl.models.io import save_checkpoint
 from bitnet_rl.models.value import load_scalar_model
 from bitnet_rl.quant.bitlinear import set_lambda
@@ -35,6 +34,8 @@ from bitnet_rl.rl import advantages as adv
 from bitnet_rl.rl.kl import AdaptiveKLController, FixedKLController, kl_estimate
 from bitnet_rl.rl.losses import explained_variance, ppo_policy_loss, value_loss
 from bitnet_rl.rollout import make_generator
+from bitnet_rl.lora.apply import finish_lora  # issue 15
+from bitnet_rl.lora.rl import lora_generator, policy_reference  # issue 15
 from bitnet_rl.train.experience import Experience, critic_forward, pack_sequences, policy_forward
 from bitnet_rl.train.loop import (
     EpochSampler,
@@ -100,7 +101,7 @@ class PPOTrainer:
         self.accelerator = make_accelerator(recipe, self.out)
         device = device or self.accelerator.device
         self.policy, self.tokenizer = build_policy(recipe.model, recipe.quant, lam=current_lambda(recipe, 0), device=device, seed=recipe.train.seed)
-        self.reference = frozen_ternary_copy(self.policy)
+        self.reference = policy_reference(self.policy, recipe)  # issue 15: LoRA; reference = base with adapters off
         self.reward = reward or load_rewards([(r.weight, r.source) for r in cfg.rewards], device=device)
         self.critic = self._build_critic(device) if cfg.advantage == "gae" else None
         self.prompts = load_prompts(cfg.prompts or "demo", cfg.num_prompts, seed=recipe.train.seed)
@@ -124,12 +125,12 @@ class PPOTrainer:
         self.kl_ctl = kl_controller(cfg)
         self.state = LoopState()
         max_prompt = max(len(p) for p in self.prompt_ids)
-        self.generator = make_generator(
+        self.generator = lora_generator(lambda: make_generator(  # issue 15: with LoRA, syncs re-pack Q(W + s·B·A)
             self.unwrapped,
             backend=recipe.rollout.backend,
             max_batch_size=cfg.prompts_per_iteration * cfg.samples_per_prompt,
             max_seq_len=max_prompt + recipe.rollout.max_new_tokens,
-        )
+        ), self.unwrapped)
 
     def total_optimizer_steps(self) -> int:
         cfg = self.cfg
@@ -335,7 +336,10 @@ class PPOTrainer:
             state = {**asdict(self.state), "extra": {"iteration": iteration, "kl_ctl": self.kl_ctl.state_dict()}}
             (trainer_dir / "state.json").write_text(json.dumps(state))
 
-        return save_checkpoint(self.unwrapped, self.tokenizer, path, extra={"trainer_state": write_state})
+        extra = {"trainer_state": write_state}
+        if path.name == "final":  # issue 15: final/ is the merged (ternary) model, or base + adapter/
+            extra.update(finish_lora(self.unwrapped, self.recipe.lora))
+        return save_checkpoint(self.unwrapped, self.tokenizer, path, extra=extra)
 
     def _load(self, checkpoint: Path) -> int:
         trainer_dir = checkpoint / "trainer_state"

@@ -1,0 +1,117 @@
+"""pre_quant LoRA on BitLinear: merge is exact, only A and B learn, adapters-off is the base model."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+from bitnet_rl.lora.apply import DisabledAdapterView, adapters_disabled, apply_lora, merge_lora
+from bitnet_rl.models.build import build_policy
+from bitnet_rl.models.forward import token_logprobs
+from bitnet_rl.quant.bitlinear import quantize_weight
+from bitnet_rl.quant.health import code_snapshot, ternary_health
+from bitnet_rl.recipe import LoraSettings, QuantConfig, Recipe, validate
+
+TINY = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1, "intermediate_size": 64}
+
+
+def tiny_policy(granularity="per_tensor", lam=1.0):
+    recipe = validate(Recipe, {"model": {"tiny": TINY}, "quant": {"granularity": granularity, "group_size": 16}}, "test")
+    model, _ = build_policy(recipe.model, recipe.quant, lam=lam, texts=["the cat sat on the mat"] * 40)
+    return model
+
+
+def randomize_adapters(model, std=0.3, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * std)
+
+
+IDS = torch.randint(3, 100, (2, 11), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("granularity", ["per_tensor", "per_channel", "per_group"])
+def test_pre_quant_merge_gives_the_adapted_codes_and_logits(granularity):
+    model = tiny_policy(granularity)
+    apply_lora(model, LoraSettings(enabled=True, r=4))
+    randomize_adapters(model)
+    with torch.no_grad():
+        with adapters_disabled(model):
+            model(IDS)  # fills BitLinear's Q(W) cache with the base weights: merge must not serve it
+        adapted = model(IDS).logits
+        codes = code_snapshot(model)
+        # the adapted layer computes with Q(W + s·B·A): check one projection by hand
+        layer = model.model.layers[0].self_attn.q_proj
+        s = layer.scaling["default"]
+        w_a = layer.base_layer.weight + s * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+        x = torch.randn(3, 32)
+        from bitnet_rl.quant.bitlinear import quantize_activation
+
+        manual = quantize_activation(x) @ quantize_weight(w_a, granularity, 16).T
+        torch.testing.assert_close(layer(x), manual, rtol=1e-5, atol=1e-5)
+    merge_lora(model)
+    with torch.no_grad():
+        merged = model(IDS).logits
+    assert not any("lora" in name for name, _ in model.named_parameters())
+    assert torch.equal(merged, adapted)
+    after = code_snapshot(model)
+    assert after.keys() == codes.keys()
+    assert all(torch.equal(after[k], codes[k]) for k in codes)
+    # the adapter really moved the ternary model (so the equalities above are not trivial)
+    base = tiny_policy(granularity)
+    assert sum(int((code_snapshot(base)[k] != codes[k]).sum()) for k in codes) > 0
+
+
+def test_gradients_reach_only_a_and_b():
+    model = tiny_policy(lam=1.0)
+    apply_lora(model, LoraSettings(enabled=True, r=4))
+    randomize_adapters(model, std=0.1)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_A" in n or "lora_B" in n for n in trainable)
+    token_logprobs(model, IDS, torch.ones_like(IDS)).sum().backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert with_grad == trainable
+    assert all(float(p.grad.abs().sum()) > 0 for n, p in model.named_parameters() if n in trainable)
+
+
+def test_disabled_adapters_give_the_base_models_logprobs():
+    model = tiny_policy(lam=0.5)
+    base = copy.deepcopy(model)
+    apply_lora(model, LoraSettings(enabled=True, r=4))
+    randomize_adapters(model)
+    mask = torch.ones_like(IDS)
+    with torch.no_grad():
+        expected = token_logprobs(base, IDS, mask)
+        reference = token_logprobs(DisabledAdapterView(model), IDS, mask)
+        adapted = token_logprobs(model, IDS, mask)
+    assert torch.equal(reference, expected)
+    assert (adapted - expected).abs().max() > 1e-3
+    assert all(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)  # trainability restored
+
+
+def test_health_reports_codes_of_the_adapted_weights():
+    model = tiny_policy()
+    apply_lora(model, LoraSettings(enabled=True, r=4))
+    before = code_snapshot(model)
+    randomize_adapters(model)
+    report = ternary_health(model, previous=before)
+    assert report.flip_rate > 0  # the adapter moved Q(W + s·B·A) although W is frozen
+    layer = model.model.layers[0].mlp.down_proj
+    codes = report.codes["model.layers.0.mlp.down_proj"]
+    w_a = layer.base_layer.weight + layer.scaling["default"] * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+    expected = (w_a / w_a.abs().mean()).round().clamp(-1, 1)
+    assert torch.equal(codes.float(), expected)
+
+
+def test_post_quant_warns_and_pre_quant_rejects_dropout():
+    from bitnet_rl.errors import UserError
+
+    with pytest.warns(UserWarning, match="no longer ternary"):
+        apply_lora(tiny_policy(), LoraSettings(enabled=True, mode="post_quant", r=4))
+    with pytest.raises(UserError, match="dropout"):
+        apply_lora(tiny_policy(), LoraSettings(enabled=True, r=4, dropout=0.1))
+    with pytest.raises(UserError, match="no module named"):
+        apply_lora(tiny_policy(), LoraSettings(enabled=True, target_modules=["qkv"]))
