@@ -6,7 +6,7 @@ from typing import Callable
 
 import torch.nn as nn
 
-from bitnet_rl.lora.apply import DisabledAdapterView, LoraSyncedGenerator, apply_lora, has_lora, merged_view
+from bitnet_rl.lora.apply import DisabledAdapterView, LoraSyncedGenerator, apply_lora, merged_view
 from bitnet_rl.models.frozen import frozen_ternary_copy
 
 
@@ -28,8 +28,14 @@ def policy_reference(policy: nn.Module, recipe):
 
 def lora_generator(make: Callable[[], object], policy: nn.Module):
     """`make()` sees the adapted projections as plain BitLinear; with LoRA, later syncs re-pack them too."""
-    if not has_lora(policy):
-        return make()
+    from bitnet_rl.lora.layer import PreQuantLoraLinear
+    from bitnet_rl.rollout.policy import PolicyGenerator
+
+    layers = [m for m in policy.modules() if hasattr(m, "lora_A")]
+    if not layers or not all(isinstance(m, PreQuantLoraLinear) for m in layers):
+        return make()  # no adapters; or post_quant, which only the policy backend can sample
     with merged_view(policy):
         generator = make()
+    if isinstance(generator, PolicyGenerator):  # samples with the adapted policy itself
+        return generator
     return LoraSyncedGenerator(generator)
