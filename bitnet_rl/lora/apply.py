@@ -53,15 +53,17 @@ def peft_config(settings) -> LoraConfig:
     return config
 
 
-def apply_lora(model: nn.Module, settings) -> nn.Module:
-    """Inject adapters into `model` in place; freeze everything else. Returns `model`."""
+def apply_lora(model: nn.Module, settings, seed: int = 0) -> nn.Module:
+    """Inject adapters into `model` in place (A drawn from `seed`, B = 0); freeze everything else. Returns `model`."""
     if settings.mode == "post_quant":
         warnings.warn(POST_QUANT_WARNING, stacklevel=2)
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     missing = [t for t in settings.target_modules if t not in names]
     if missing:
         raise UserError(f"lora.target_modules: the model has no module named {missing[0]!r}")
-    inject_adapter_in_model(peft_config(settings), model)
+    with torch.random.fork_rng(devices=[]):  # the same adapters whatever ran before
+        torch.manual_seed(seed)
+        inject_adapter_in_model(peft_config(settings), model)
     for name, param in model.named_parameters():
         param.requires_grad_("lora_" in name or name.split(".", 1)[0] in HEADS)
     return model
@@ -148,6 +150,7 @@ def adapter_writer(state: dict[str, torch.Tensor], settings) -> Callable[[Path],
         config = peft_config(settings).to_dict()
         config.pop("_custom_modules", None)
         config["bitnet_rl_mode"] = settings.mode
+        config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
         (path / "adapter_config.json").write_text(json.dumps(config, indent=2, default=str))
 
     return write

@@ -20,7 +20,7 @@ def policy_reference(policy: nn.Module, recipe):
     base_reference = lora.enabled and lora.reference == "base"
     reference = None if base_reference else frozen_ternary_copy(policy)
     if lora.enabled:
-        apply_lora(policy, lora)
+        apply_lora(policy, lora, seed=recipe.train.seed)
         if base_reference:
             reference = DisabledAdapterView(policy)
     return reference

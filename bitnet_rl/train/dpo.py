@@ -152,7 +152,7 @@ def run_dpo(recipe: Recipe, resume: str | None = None, device: str | None = None
     collate = DPOCollator(pad_id(tokenizer))
     reference = make_reference(model, cfg.reference) if not lora_base_reference(recipe) else None
     if recipe.lora.enabled:
-        apply_lora(model, recipe.lora)
+        apply_lora(model, recipe.lora, seed=recipe.train.seed)
         if lora_base_reference(recipe):  # the base is the policy with adapters off: no second copy
             reference = DisabledAdapterView(model)
     if reference is None:

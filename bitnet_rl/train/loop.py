@@ -175,7 +175,7 @@ def train(stage: Stage, recipe: Recipe, resume: str | None = None, overwrite: bo
         tcfg.max_steps = max(1, math.ceil(tcfg.epochs * len(stage.examples) / per_step))
     state = LoopState()
     if recipe.lora.enabled and not has_lora(model):  # LoRA (issue 15): adapters before resume, so their weights load too
-        apply_lora(model, recipe.lora)
+        apply_lora(model, recipe.lora, seed=tcfg.seed)
     if checkpoint is not None:
         state = LoopState(**json.loads((checkpoint / "trainer_state" / "state.json").read_text()))
         check_not_finished(checkpoint, state.step, tcfg.max_steps)

@@ -119,3 +119,22 @@ def test_grpo_with_pre_quant_lora_raises_heldout_reward(sft64, tmp_path, seed):
     log = rows(tmp_path)
     assert sum(r["reward"] for r in log[-20:]) > sum(r["reward"] for r in log[:20])
     assert not any("lora" in k for k in load_policy(final).state_dict())
+
+
+def test_export_merge_lora_equals_the_merged_final(sft_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from bitnet_rl.cli import app
+
+    kw = {"optimizer": {"lr": 3e-3}, "train": {"max_steps": 4}}
+    merged = run_dpo(dpo_recipe(tmp_path / "m", sft_dir, lora=LORA, **kw))
+    unmerged = run_dpo(dpo_recipe(tmp_path / "u", sft_dir, lora={**LORA, "merge": False}, **kw))
+    runner = CliRunner()
+    for name, source, extra in (("a", merged, []), ("b", unmerged, ["--merge-lora"])):
+        result = runner.invoke(app, ["export", str(source), "--format", "packed", "--out", str(tmp_path / name), *extra])
+        assert result.exit_code == 0, result.output
+    a, b = code_snapshot(load_policy(tmp_path / "a")), code_snapshot(load_policy(tmp_path / "b"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert sum(int((a[k] != code_snapshot(load_policy(sft_dir))[k]).sum()) for k in a) > 0
+    result = runner.invoke(app, ["export", str(merged), "--format", "packed", "--out", str(tmp_path / "c"), "--merge-lora"])
+    assert result.exit_code == 2 and "no adapter/" in result.output
