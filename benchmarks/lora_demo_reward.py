@@ -3,8 +3,9 @@
 A tiny BitNet model is SFT-trained on the demo task (sorting digits), then DPO runs on demo
 preference pairs for `--steps` steps in each mode. Reported per mode and seed: held-out pairwise
 accuracy and margin (implicit reward of chosen > rejected on the validation pairs) and the demo
-reward of greedy completions of 256 held-out prompts, for the final model (for post_quant the
-adapted model itself, and its merged-and-requantized checkpoint, which is what a ternary deployment gets).
+reward of greedy completions of 256 held-out prompts. LoRA runs keep their adapter (`lora.merge: false`)
+so the reward is measured twice: the adapted model as trained, and merged into the ternary weights
+(what a ternary deployment gets; for pre_quant the two must agree, for post_quant the merge is re-quantized).
 
     OMP_NUM_THREADS=1 python benchmarks/lora_demo_reward.py --steps 60 --seeds 0 1
 """
@@ -60,7 +61,7 @@ def dpo(out: Path, model: Path, mode: str, lr: float, steps: int, seed: int) -> 
         "train": {"max_steps": steps, "batch_size": 16, "seed": seed}, "logging": {"progress": False, "health_every": 10},
     }  # fmt: skip
     if mode != "full":
-        recipe["lora"] = {"enabled": True, "mode": mode, "r": 8, "alpha": 16}
+        recipe["lora"] = {"enabled": True, "mode": mode, "r": 8, "alpha": 16, "merge": False}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         final = run_dpo(validate(Recipe, recipe, "dpo"))
@@ -86,14 +87,24 @@ def main() -> None:
         start = sft(root / "sft", args.sft_steps)
         tokenizer = load_tokenizer(start)
         print(f"SFT start: held-out greedy reward {heldout_reward(start, tokenizer):.3f}")
-        print("| mode | lr | seed | val accuracy | val margin | mean flip rate | held-out reward (final/) |")
-        print("|---|---|---|---|---|---|---|")
+        print("| mode | lr | seed | val accuracy | val margin | mean flip rate /10 steps | held-out reward, as trained | held-out reward, merged ternary |")
+        print("|---|---|---|---|---|---|---|---|")
         for mode in args.modes:
             lr = args.lr_full if mode == "full" else args.lr_lora
             for seed in args.seeds:
                 final, stats = dpo(root / f"{mode}-{seed}", start, mode, lr, args.steps, seed)
-                reward = heldout_reward(final, tokenizer)
-                print(f"| {mode} | {lr:g} | {seed} | {stats['val_accuracy']:.3f} | {stats['val_margin']:.3f} | {stats['mean_flip_rate']:.4f} | {reward:.3f} |", flush=True)
+                if mode == "full":
+                    trained = merged = heldout_reward(final, tokenizer)
+                else:
+                    from bitnet_rl.lora.merge import load_adapter, merge_saved_adapter
+                    from bitnet_rl.models.io import load_policy
+
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        trained = heldout_reward(load_adapter(load_policy(final), final), tokenizer)
+                        merged = heldout_reward(merge_saved_adapter(load_policy(final), final), tokenizer)
+                row = f"| {mode} | {lr:g} | {seed} | {stats['val_accuracy']:.3f} | {stats['val_margin']:.3f} | {stats['mean_flip_rate']:.4f} | {trained:.3f} | {merged:.3f} |"
+                print(row, flush=True)
 
 
 if __name__ == "__main__":
