@@ -138,3 +138,57 @@ def test_export_merge_lora_equals_the_merged_final(sft_dir, tmp_path):
     assert sum(int((a[k] != code_snapshot(load_policy(sft_dir))[k]).sum()) for k in a) > 0
     result = runner.invoke(app, ["export", str(merged), "--format", "packed", "--out", str(tmp_path / "c"), "--merge-lora"])
     assert result.exit_code == 2 and "no adapter/" in result.output
+
+
+def test_grpo_lora_resume_is_exact(sft64, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    run_ppo(grpo_recipe(a, sft64, iterations=4))
+    recipe_b = grpo_recipe(b, sft64, iterations=4)
+    recipe_b.checkpoint.every = 2
+    run_ppo(recipe_b)
+    run_ppo(recipe_b, resume=str(b / "checkpoints" / "step-0000002"))
+    ra, rb = rows(a), rows(b)
+    assert [r["step"] for r in rb] == [1, 2, 3, 4]
+    for x, y in zip(ra, rb):
+        assert y["sample"] == x["sample"]
+        for key in ("reward", "kl", "loss/policy"):
+            assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-7), key
+    pa, pb = load_policy(a / "final").state_dict(), load_policy(b / "final").state_dict()
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)
+
+
+def test_sft_and_rm_with_lora(tmp_path):
+    from bitnet_rl.recipe import Recipe, validate
+    from bitnet_rl.train.sft import run_sft
+
+    recipe = {
+        "out": str(tmp_path / "sft"), "model": {"tiny": TINY2}, "data": {"path": "demo", "demo_size": 300, "max_length": 32},
+        "optimizer": {"lr": 1e-2}, "train": {"max_steps": 20, "batch_size": 16}, "lora": LORA,
+        "logging": {"progress": False, "health_every": 5},
+    }  # fmt: skip
+    final = run_sft(validate(Recipe, recipe, "test"))
+    log = [r for r in rows(tmp_path / "sft") if "loss" in r]
+    assert sum(r["loss"] for r in log[-5:]) < sum(r["loss"] for r in log[:5])
+    assert all(r["flip_rate"] > 0 for r in log if "flip_rate" in r)
+    assert not any("lora" in k for k in load_policy(final).state_dict())
+
+
+def test_rm_with_lora_trains_adapters_and_the_score_head(sft_dir, tmp_path):
+    from bitnet_rl.recipe import Recipe, validate
+    from bitnet_rl.train.rm import RM_DEFAULTS, run_rm
+
+    recipe = {
+        **RM_DEFAULTS, "out": str(tmp_path), "model": {"path": str(sft_dir)}, "lora": LORA,
+        "data": {"path": "demo", "format": "prefs", "demo_size": 600, "max_length": 32, "max_prompt_length": 16, "val_fraction": 0.1},
+        "optimizer": {"lr": 1e-2}, "train": {"max_steps": 40, "batch_size": 16}, "logging": {"progress": False, "health_every": 0},
+    }  # fmt: skip
+    final = run_rm(validate(Recipe, recipe, "test"))
+    log = rows(tmp_path)
+    assert log[-1]["val_accuracy"] > 0.6 and log[-1]["val_loss"] < log[0]["val_loss"], log[-1]
+    assert (final / "reward_stats.json").is_file()
+
+
+def test_dpo_lora_with_a_separate_reference_copy(sft_dir, tmp_path):
+    run_dpo(dpo_recipe(tmp_path, sft_dir, lora={**LORA, "reference": "copy"}, dpo={"reference": "ternary"}, train={"max_steps": 3}))
+    log = rows(tmp_path)
+    assert abs(log[0]["val_margin"]) < 1e-4 and log[-1]["step"] == 3
