@@ -58,9 +58,11 @@ class PreQuantLoraLinear(PeftLoraLinear):
         weight = self.get_base_layer().weight
         if self.disable_adapters or self.merged:
             return weight
-        for name in self.active_adapters:
-            if name in self.lora_A:
-                weight = torch.add(weight, self.get_delta_weight(name)).to(weight.dtype)  # as `weight.data += delta`
+        # outside autocast, exactly as peft's merge computes `weight.data += delta` (delta in the adapter's dtype)
+        with torch.autocast(weight.device.type, enabled=False):
+            for name in self.active_adapters:
+                if name in self.lora_A:
+                    weight = torch.add(weight, self.get_delta_weight(name)).to(weight.dtype)
         return weight
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:

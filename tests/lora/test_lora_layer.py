@@ -65,6 +65,25 @@ def test_pre_quant_merge_gives_the_adapted_codes_and_logits(granularity):
     assert sum(int((code_snapshot(base)[k] != codes[k]).sum()) for k in codes) > 0
 
 
+@pytest.mark.parametrize("adapter_dtype", [torch.bfloat16, torch.float32])
+def test_bf16_weights_under_autocast_merge_to_the_same_codes(adapter_dtype):
+    model = tiny_policy().to(torch.bfloat16)
+    apply_lora(model, LoraSettings(enabled=True, r=4))
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            param.data = param.data.to(adapter_dtype)
+    randomize_adapters(model, std=0.2)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        adapted = model(IDS).logits
+        codes = code_snapshot(model)
+    merge_lora(model)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        merged = model(IDS).logits
+    after = code_snapshot(model)
+    assert all(torch.equal(after[k], codes[k]) for k in codes)
+    assert torch.equal(merged, adapted)
+
+
 def test_gradients_reach_only_a_and_b():
     model = tiny_policy(lam=1.0)
     apply_lora(model, LoraSettings(enabled=True, r=4))
