@@ -6,6 +6,7 @@ from typing import Callable
 
 import torch.nn as nn
 
+from bitnet_rl.errors import UserError
 from bitnet_rl.lora.apply import DisabledAdapterView, LoraSyncedGenerator, apply_lora, merged_view
 from bitnet_rl.models.frozen import frozen_ternary_copy
 
@@ -32,8 +33,13 @@ def lora_generator(make: Callable[[], object], policy: nn.Module):
     from bitnet_rl.rollout.policy import PolicyGenerator
 
     layers = [m for m in policy.modules() if hasattr(m, "lora_A")]
-    if not layers or not all(isinstance(m, PreQuantLoraLinear) for m in layers):
-        return make()  # no adapters; or post_quant, which only the policy backend can sample
+    if not layers:
+        return make()
+    if not all(isinstance(m, PreQuantLoraLinear) for m in layers):
+        try:
+            return make()  # post_quant: only the policy backend can sample Q(W)·x + s·B·A·x
+        except UserError:
+            raise UserError("lora.mode=post_quant is not ternary, so rollout.backend=packed cannot sample it; set rollout.backend=policy") from None
     with merged_view(policy):
         generator = make()
     if isinstance(generator, PolicyGenerator):  # samples with the adapted policy itself

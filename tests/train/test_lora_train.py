@@ -192,3 +192,15 @@ def test_dpo_lora_with_a_separate_reference_copy(sft_dir, tmp_path):
     run_dpo(dpo_recipe(tmp_path, sft_dir, lora={**LORA, "reference": "copy"}, dpo={"reference": "ternary"}, train={"max_steps": 3}))
     log = rows(tmp_path)
     assert abs(log[0]["val_margin"]) < 1e-4 and log[-1]["step"] == 3
+
+
+def test_post_quant_grpo_needs_the_policy_backend(sft64, tmp_path):
+    from bitnet_rl.errors import UserError
+
+    with pytest.warns(UserWarning, match="no longer ternary"), pytest.raises(UserError, match="rollout.backend=policy"):
+        run_ppo(grpo_recipe(tmp_path / "a", sft64, iterations=1, mode="post_quant"))
+    recipe = grpo_recipe(tmp_path / "b", sft64, iterations=2, mode="post_quant")
+    recipe.rollout.backend = "policy"
+    with pytest.warns(UserWarning, match="no longer ternary"):
+        run_ppo(recipe)
+    assert [r["step"] for r in rows(tmp_path / "b")] == [1, 2]
