@@ -159,6 +159,10 @@ class LoraSettings(Section):
         description="Module names that get adapters.",
     )
     merge: bool = Field(True, description="Write final/ as the merged model (ternary for pre_quant); false: the base weights plus final/adapter/.")
+    critic: Literal["model", "adapter"] = Field(
+        "model",
+        description="PPO critic with LoRA (ppo.advantage gae): model = ppo.critic's separate model; adapter = a second adapter + value head on the policy's own base weights (no second model).",
+    )
     reference: Literal["base", "copy"] = Field(
         "base",
         description="Reference of DPO and PPO with LoRA: base = the policy with adapters disabled (no second copy); copy = dpo.reference / PPO's packed copy.",

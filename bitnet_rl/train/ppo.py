@@ -35,6 +35,7 @@ from bitnet_rl.rl.kl import AdaptiveKLController, FixedKLController, kl_estimate
 from bitnet_rl.rl.losses import explained_variance, ppo_policy_loss, value_loss
 from bitnet_rl.rollout import make_generator
 from bitnet_rl.lora.apply import finish_lora  # issue 15
+from bitnet_rl.lora.critic import adapter_critic  # issue 15
 from bitnet_rl.lora.rl import lora_generator, policy_reference  # issue 15
 from bitnet_rl.train.experience import Experience, critic_forward, pack_sequences, policy_forward
 from bitnet_rl.train.loop import (
@@ -143,6 +144,8 @@ class PPOTrainer:
 
     def _build_critic(self, device) -> nn.Module:
         recipe, cfg = self.recipe, self.cfg
+        if recipe.lora.enabled and recipe.lora.critic == "adapter":  # issue 15: critic = second adapter on the policy's weights
+            return adapter_critic(self.policy, recipe.lora, seed=recipe.train.seed)
         dtype = resolve_dtype(recipe.model.dtype, device)
         if cfg.critic == "reward_model":
             dirs = [r.source for r in cfg.rewards if Path(r.source).is_dir()]

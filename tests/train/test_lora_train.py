@@ -204,3 +204,37 @@ def test_post_quant_grpo_needs_the_policy_backend(sft64, tmp_path):
     with pytest.warns(UserWarning, match="no longer ternary"):
         run_ppo(recipe)
     assert [r["step"] for r in rows(tmp_path / "b")] == [1, 2]
+
+
+def test_ppo_gae_with_an_adapter_critic_shares_the_policy_weights(sft64, tmp_path):
+    from bitnet_rl.train.ppo import PPOTrainer
+
+    def recipe(out, **extra):
+        r = grpo_recipe(out, sft64, iterations=4, critic="adapter")
+        r.ppo.advantage, r.ppo.samples_per_prompt, r.ppo.kl_mode = "gae", 1, "reward"
+        r.ppo.prompts_per_iteration, r.ppo.minibatch_size, r.ppo.micro_batch_size = 16, 8, 8
+        for key, value in extra.items():
+            setattr(r.checkpoint, key, value)
+        return r
+
+    checkpointed = recipe(tmp_path / "x")
+    checkpointed.train.gradient_checkpointing = True
+    trainer = PPOTrainer(checkpointed)
+    critic, policy = trainer.accelerator.unwrap_model(trainer.critic), trainer.unwrapped
+    policy_ptrs = {p.data_ptr() for p in policy.parameters()}
+    frozen = [p for p in critic.parameters() if not p.requires_grad]
+    assert frozen and all(p.data_ptr() in policy_ptrs for p in frozen)  # no second copy of any base weight
+    trainable = {n for n, p in critic.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or n == "score.weight" for n in trainable)
+    assert not any(p.data_ptr() in policy_ptrs for n, p in critic.named_parameters() if n in trainable)
+    a, b = tmp_path / "a", tmp_path / "b"
+    run_ppo(recipe(a))
+    run_ppo(recipe(b, every=2))
+    run_ppo(recipe(b, every=2), resume=str(b / "checkpoints" / "step-0000002"))
+    ra, rb = rows(a), rows(b)
+    assert all(abs(r["explained_variance"]) >= 0 for r in ra) and ra[-1]["loss/value"] < ra[0]["loss/value"]
+    for x, y in zip(ra, rb):
+        for key in ("reward", "loss/policy", "loss/value"):
+            assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-7), key
+    saved = (b / "final" / "trainer_state" / "critic" / "model.safetensors").stat().st_size
+    assert saved < 0.2 * (a / "final" / "model.safetensors").stat().st_size  # adapter + head only
