@@ -166,23 +166,29 @@ def finish_lora(model: nn.Module, settings) -> dict[str, Callable[[Path], None]]
     return {"adapter": adapter_writer(unload_lora(model), settings)}
 
 
+class _AdaptedProjection(BitLinear):
+    """A BitLinear sharing the base layer's tensors whose `ternary_codes()` are those of `Q(W + s·B·A)`."""
+
+    def ternary_codes(self):
+        return self.__dict__["_lora"].ternary_codes()
+
+
 @contextmanager
 def merged_view(model: nn.Module) -> Iterator[nn.Module]:
-    """Inside the block, each pre_quant-adapted projection is a BitLinear holding `W + s·B·A`.
+    """Inside the block, each pre_quant-adapted projection is a BitLinear whose codes are `Q(W + s·B·A)`.
 
-    For the packed generator: it re-packs exactly the ternary model being trained. Only the
-    adapted projections get a temporary weight; the base weights are not touched.
+    For the packed generator, which reads `ternary_codes()`: it re-packs exactly the ternary model
+    being trained. Nothing is copied up front; `W + s·B·A` exists for one projection at a time.
     """
     swapped = []
-    with torch.no_grad():
-        for name, layer in lora_layers(model):
-            if not isinstance(layer, PreQuantLoraLinear):
-                raise UserError("rollout.backend=packed with lora.mode=post_quant samples a non-ternary model; use rollout.backend=policy")
-            base = layer.get_base_layer()
-            temp = BitLinear.from_linear(base, granularity=base.granularity, group_size=base.group_size, quantize_activations=base.quantize_activations, lam=base.lam)
-            temp.weight = nn.Parameter(layer.adapted_weight().detach().clone(), requires_grad=False)
-            model.set_submodule(name, temp)
-            swapped.append((name, layer))
+    for name, layer in lora_layers(model):
+        if not isinstance(layer, PreQuantLoraLinear):
+            raise UserError("rollout.backend=packed with lora.mode=post_quant samples a non-ternary model; use rollout.backend=policy")
+        base = layer.get_base_layer()
+        view = _AdaptedProjection.from_linear(base, granularity=base.granularity, group_size=base.group_size, quantize_activations=base.quantize_activations, lam=base.lam)
+        view.__dict__["_lora"] = layer  # not a submodule
+        model.set_submodule(name, view)
+        swapped.append((name, layer))
     try:
         yield model
     finally:

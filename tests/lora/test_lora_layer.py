@@ -134,3 +134,23 @@ def test_post_quant_warns_and_pre_quant_rejects_dropout():
         apply_lora(tiny_policy(), LoraSettings(enabled=True, r=4, dropout=0.1))
     with pytest.raises(UserError, match="no module named"):
         apply_lora(tiny_policy(), LoraSettings(enabled=True, target_modules=["qkv"]))
+
+
+def test_packed_generator_samples_the_adapted_ternary_model():
+    from bitnet_rl.lora.rl import lora_generator
+    from bitnet_rl.rollout import make_generator
+
+    model = tiny_policy().eval()
+    apply_lora(model, LoraSettings(enabled=True, r=4))
+    generator = lora_generator(lambda: make_generator(model, "packed", max_batch_size=2, max_seq_len=32), model)
+    randomize_adapters(model)  # after the generator exists: only a sync can bring these in
+    generator.sync_from(model)
+    assert any(isinstance(m, type(model.model.layers[0].self_attn.q_proj)) for m in model.modules())  # wrappers restored
+    prompts = IDS[:, :5].tolist()
+    got = generator.generate(prompts, max_new_tokens=8, temperature=0.0)
+    merged = merge_lora(copy.deepcopy(model))
+    want = make_generator(merged, "packed", max_batch_size=2, max_seq_len=32).generate(prompts, max_new_tokens=8, temperature=0.0)
+    stale = make_generator(tiny_policy().eval(), "packed", max_batch_size=2, max_seq_len=32).generate(prompts, max_new_tokens=8, temperature=0.0)
+    assert torch.equal(got.completion_ids, want.completion_ids)
+    torch.testing.assert_close(got.logprobs_t1, want.logprobs_t1, rtol=0, atol=0)
+    assert not torch.equal(got.logprobs_t1, stale.logprobs_t1)
