@@ -197,14 +197,40 @@ def merged_view(model: nn.Module) -> Iterator[nn.Module]:
 
 
 class LoraSyncedGenerator:
-    """Wraps a rollout generator so `sync_from(policy)` re-packs the adapted (pre_quant) weights."""
+    """Wraps a packed rollout generator so `sync_from(policy)` re-packs the adapted (pre_quant) weights.
+
+    The first sync copies everything; later ones re-pack only the fused projection groups that hold
+    an adapter (with LoRA nothing else changes: base weights, norms and embeddings are frozen).
+    """
 
     def __init__(self, generator) -> None:
         self.generator = generator
+        self.full_sync_done = False
 
     def sync_from(self, policy: nn.Module) -> None:
         with merged_view(policy):
-            self.generator.sync_from(policy)
+            packed = getattr(self.generator, "model", None)
+            if self.full_sync_done and hasattr(packed, "layers"):
+                sync_adapted(packed, policy)
+            else:
+                self.generator.sync_from(policy)
+                self.full_sync_done = True
 
     def __getattr__(self, name):
         return getattr(self.generator, name)
+
+
+@torch.no_grad()
+def sync_adapted(packed, policy: nn.Module) -> int:
+    """Re-pack the fused groups (qkv, o, gate_up, down) that contain an adapted projection; returns how many."""
+    from bitnet_rl.rollout.arch import projection
+    from bitnet_rl.rollout.weights import FUSED
+
+    count = 0
+    for layer, weights in zip(policy.model.layers, packed.layers):
+        for key, names in FUSED.items():
+            modules = [projection(layer, n) for n in names]
+            if any(isinstance(m, _AdaptedProjection) for m in modules):
+                getattr(weights, key).pack_all_(modules)
+                count += 1
+    return count

@@ -136,13 +136,15 @@ def test_post_quant_warns_and_pre_quant_rejects_dropout():
         apply_lora(tiny_policy(), LoraSettings(enabled=True, target_modules=["qkv"]))
 
 
-def test_packed_generator_samples_the_adapted_ternary_model():
+@pytest.mark.parametrize("targets", [None, ["q_proj", "v_proj", "down_proj"]])
+def test_packed_generator_samples_the_adapted_ternary_model(targets):
     from bitnet_rl.lora.rl import lora_generator
     from bitnet_rl.rollout import make_generator
 
     model = tiny_policy().eval()
-    apply_lora(model, LoraSettings(enabled=True, r=4))
+    apply_lora(model, LoraSettings(enabled=True, r=4, **({"target_modules": targets} if targets else {})))
     generator = lora_generator(lambda: make_generator(model, "packed", max_batch_size=2, max_seq_len=32), model)
+    generator.sync_from(model)  # the first sync copies everything, later ones only the adapted groups
     randomize_adapters(model)  # after the generator exists: only a sync can bring these in
     generator.sync_from(model)
     assert any(isinstance(m, type(model.model.layers[0].self_attn.q_proj)) for m in model.modules())  # wrappers restored
