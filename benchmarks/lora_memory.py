@@ -135,7 +135,6 @@ def measure(algo: str, mode: str, args) -> dict:
         sync(args.device)
         times.append(time.perf_counter() - start)
     result = {"weights": weights, "peak": gib(args.device, peak=True), "step_s": sorted(times)[len(times) // 2], "trainable_m": sum(p.numel() for p in trainable) / 1e6}
-    del policy, reference, optimizer, loss_fn
     return result
 
 

@@ -1,7 +1,6 @@
 """pre_quant LoRA on BitLinear: merge is exact, only A and B learn, adapters-off is the base model."""
 
 import copy
-import warnings
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ from bitnet_rl.models.build import build_policy
 from bitnet_rl.models.forward import token_logprobs
 from bitnet_rl.quant.bitlinear import quantize_weight
 from bitnet_rl.quant.health import code_snapshot, ternary_health
-from bitnet_rl.recipe import LoraSettings, QuantConfig, Recipe, validate
+from bitnet_rl.recipe import LoraSettings, Recipe, validate
 
 TINY = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1, "intermediate_size": 64}
 
