@@ -20,6 +20,7 @@ checkpointing on, bf16 weights, random weights and tokens.
 from __future__ import annotations
 
 import argparse
+import gc
 import time
 import warnings
 
@@ -107,6 +108,7 @@ def ppo_step(policy, reference, args):
 
 
 def measure(algo: str, mode: str, args) -> dict:
+    gc.collect()  # the previous row's model sits in reference cycles (closures, adapter views)
     if args.device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
