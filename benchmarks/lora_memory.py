@@ -159,7 +159,7 @@ def main() -> None:
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu (memory not measured)"
     print(f"{name}: {args.shape} shape, {args.layers} layers, bf16 weights, LoRA r={args.rank} on all 7 projections, gradient checkpointing")
     print(f"DPO: {args.pairs} pairs x {args.seq} tokens; PPO: {args.seqs} sequences x {args.seq} tokens (policy side, no critic)")
-    print("| algorithm | mode | trainable M params | weights GiB | peak GiB | step s |")
+    print("| algorithm | mode | trainable M params | policy + reference GiB | peak GiB | step s |")
     print("|---|---|---|---|---|---|")
     for algo in args.algos:
         for mode in args.modes:
