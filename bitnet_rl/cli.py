@@ -285,12 +285,13 @@ def export(
     format: str = typer.Option(..., "--format", help="packed (transformers offline 2-bit), bf16 (master weights) or gguf (llama.cpp)."),
     out: Path = typer.Option(..., "--out", help="Directory to write (replaced atomically if it exists)."),
     gguf_type: str = typer.Option("TQ2_0", "--gguf-type", help="Ternary GGUF type: TQ2_0 (2.06 bits/weight, faster) or TQ1_0 (1.69 bits/weight, smaller)."),
+    merge_lora: bool = typer.Option(False, "--merge-lora", help="Merge the checkpoint's adapter/ (trained with lora.merge=false) into its weights first."),
 ) -> None:
     """Write a model for where it will run, and print the on-disk sizes."""
     from bitnet_rl.export import export_checkpoint
 
     options = {"ternary_type": gguf_type} if format == "gguf" else {}
-    typer.echo(export_checkpoint(checkpoint, format, out, **options).summary(format))
+    typer.echo(export_checkpoint(checkpoint, format, out, merge_lora=merge_lora, **options).summary(format))
 
 
 @recipe_app.command("show")

@@ -145,6 +145,30 @@ class DPOConfig(Section):
     )
 
 
+class LoraSettings(Section):
+    enabled: bool = Field(False, description="Train LoRA adapters (peft) on the BitLinear projections instead of all weights.")
+    mode: Literal["pre_quant", "post_quant"] = Field(
+        "pre_quant",
+        description="pre_quant: W_eff = Q(W + s·B·A), trains and merges into a ternary model; post_quant: plain LoRA after the ternary product (its merge is not ternary).",
+    )
+    r: int = Field(16, gt=0, description="LoRA rank.")
+    alpha: float = Field(32.0, gt=0, description="LoRA alpha (scaling s = alpha / r).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA input dropout (post_quant only; pre_quant needs 0).")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        description="Module names that get adapters.",
+    )
+    merge: bool = Field(True, description="Write final/ as the merged model (ternary for pre_quant); false: the base weights plus final/adapter/.")
+    critic: Literal["model", "adapter"] = Field(
+        "model",
+        description="PPO critic with LoRA (ppo.advantage gae): model = ppo.critic's separate model; adapter = a second adapter + value head on the policy's own base weights (no second model).",
+    )
+    reference: Literal["base", "copy"] = Field(
+        "base",
+        description="Reference of DPO and PPO with LoRA: base = the policy with adapters disabled (no second copy); copy = dpo.reference / PPO's packed copy.",
+    )
+
+
 class RolloutConfig(Section):
     backend: Literal["packed", "policy"] = Field(
         "packed",
@@ -218,6 +242,7 @@ class Recipe(Section):
     train: TrainConfig = Field(default_factory=TrainConfig, description="Training loop.")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Checkpointing.")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Metrics and progress.")
+    lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA adapters.")
     dpo: DPOConfig = Field(default_factory=DPOConfig, description="DPO (bitnet-rl dpo).")
     rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="Sampling for RL.")
     ppo: PPOConfig = Field(default_factory=PPOConfig, description="PPO / GRPO (bitnet-rl ppo).")

@@ -81,10 +81,10 @@ def writer(fmt: str) -> Callable:
     raise UserError(f"--format: unknown value {fmt!r} (expected one of {', '.join(FORMATS)})")
 
 
-def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path, **options) -> ExportResult:
+def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path, merge_lora: bool = False, **options) -> ExportResult:
     """Export `checkpoint` (any directory `load_policy` reads, or a run directory) as `fmt` into `out`.
 
-    `options` go to the format's writer (gguf: `ternary_type="TQ2_0"|"TQ1_0"`).
+    `merge_lora` merges the checkpoint's `adapter/` first. `options` go to the format's writer (gguf: `ternary_type="TQ2_0"|"TQ1_0"`).
     The model is exported at λ = 1: the fully ternary function the policy computes after warm-up.
     """
     from bitnet_rl.models.build import resolve_model_dir
@@ -97,6 +97,10 @@ def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path, **optio
     if out.resolve() == source.resolve():
         raise UserError(f"--out {out} is the checkpoint itself; choose another directory")
     policy = load_policy(source, dtype=stored_dtype(raw)).eval()
+    if merge_lora:  # the checkpoint's adapter/ (lora.merge: false) merged into its base weights
+        from bitnet_rl.lora.merge import merge_saved_adapter
+
+        policy = merge_saved_adapter(policy, source).eval()
     final = write(policy, load_tokenizer(source), out, **options)
     return ExportResult(final, dir_sizes(final), weight_bytes(source))
 

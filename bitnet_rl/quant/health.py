@@ -56,9 +56,22 @@ class HealthReport:
         return [layer.name for layer in self.layers if layer.collapsed]
 
 
+def ternary_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every BitLinear, except that a pre_quant LoRA layer stands in for its base BitLinear: its
+    `ternary_codes()` are those of `Q(W + s·B·A)`, the weights the model actually computes with."""
+    wrappers = [(name, m) for name, m in model.named_modules() if hasattr(m, "adapted_weight")]
+    hidden = {f"{name}.base_layer" for name, _ in wrappers}
+    plain = [(name, m) for name, m in bitlinear_modules(model) if name not in hidden]
+    return sorted(plain + wrappers, key=lambda item: item[0])
+
+
+def _master_weight(module: nn.Module) -> torch.Tensor:
+    return module.adapted_weight() if hasattr(module, "adapted_weight") else module.weight
+
+
 def code_snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     """Ternary codes of every BitLinear (int8, on the module's device), for flip rates later."""
-    return {name: module.ternary_codes()[0] for name, module in bitlinear_modules(model)}
+    return {name: module.ternary_codes()[0] for name, module in ternary_layers(model)}
 
 
 def flip_rates(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> tuple[float, dict[str, float]]:
@@ -78,7 +91,7 @@ def ternary_health(model: nn.Module, previous: dict[str, torch.Tensor] | None = 
     """Code fractions, scales and std for every BitLinear; flip rate against `previous` if given."""
     layers = []
     current = {}
-    for name, module in bitlinear_modules(model):
+    for name, module in ternary_layers(model):
         codes, scale = module.ternary_codes()
         current[name] = codes
         n = codes.numel()
@@ -90,7 +103,7 @@ def ternary_health(model: nn.Module, previous: dict[str, torch.Tensor] | None = 
                 frac_zero=int((codes == 0).sum()) / n,
                 frac_pos=int((codes == 1).sum()) / n,
                 mean_scale=float(scale.mean()),
-                weight_std=float(module.weight.float().std()),
+                weight_std=float(_master_weight(module).float().std()),
             )
         )
     report = HealthReport(layers, codes=current)

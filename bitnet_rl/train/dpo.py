@@ -20,6 +20,7 @@ from bitnet_rl.data.load import load_records, tokenizer_texts
 from bitnet_rl.data.prefs import PrefCollator, model_pref_examples
 from bitnet_rl.data.sft import train_val_split
 from bitnet_rl.data.tokenizer import pad_id
+from bitnet_rl.lora.apply import DisabledAdapterView, apply_lora
 from bitnet_rl.models.build import build_policy
 from bitnet_rl.models.forward import token_logprobs
 from bitnet_rl.models.frozen import frozen_ternary_copy
@@ -127,6 +128,10 @@ def make_reference(policy: nn.Module, kind: str) -> nn.Module | None:
     return None
 
 
+def lora_base_reference(recipe: Recipe) -> bool:
+    return recipe.lora.enabled and recipe.lora.reference == "base"
+
+
 def run_dpo(recipe: Recipe, resume: str | None = None, device: str | None = None, overwrite: bool = False) -> Path:
     """DPO of the recipe's policy on its preference data; returns the final checkpoint directory."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -138,7 +143,11 @@ def run_dpo(recipe: Recipe, resume: str | None = None, device: str | None = None
     examples = model_pref_examples(records, fmt, tokenizer, model, data)
     train_examples, val_examples = train_val_split(examples, data.val_fraction, recipe.train.seed)
     collate = DPOCollator(pad_id(tokenizer))
-    reference = make_reference(model, cfg.reference)
+    reference = make_reference(model, cfg.reference) if not lora_base_reference(recipe) else None
+    if recipe.lora.enabled:
+        apply_lora(model, recipe.lora, seed=recipe.train.seed)
+        if lora_base_reference(recipe):  # the base is the policy with adapters off: no second copy
+            reference = DisabledAdapterView(model)
     if reference is None:
         precompute_reference(model, train_examples + val_examples, collate, average=cfg.loss_type == "ipo")
     stage = Stage(
@@ -149,6 +158,6 @@ def run_dpo(recipe: Recipe, resume: str | None = None, device: str | None = None
         collate=collate,
         loss_fn=dpo_loss_fn(cfg, reference),
         eval_fn=(lambda m: evaluate_pairs(m, reference, val_examples, collate, cfg)) if val_examples else None,
-        extra_modules={"reference": reference} if reference is not None else {},
+        extra_modules={"reference": reference} if isinstance(reference, nn.Module) else {},
     )
     return train(stage, recipe, resume=resume, overwrite=overwrite)

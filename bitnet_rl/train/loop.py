@@ -22,6 +22,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from bitnet_rl.errors import UserError
+from bitnet_rl.lora.apply import apply_lora, finish_lora, has_lora
 from bitnet_rl.models.convert import enable_checkpointing
 from bitnet_rl.models.io import save_checkpoint
 from bitnet_rl.quant.bitlinear import set_lambda
@@ -179,6 +180,8 @@ def train(stage: Stage, recipe: Recipe, resume: str | None = None, overwrite: bo
         per_step = tcfg.batch_size * tcfg.grad_accum * accelerator.num_processes
         tcfg.max_steps = max(1, math.ceil(tcfg.epochs * len(stage.examples) / per_step))
     state = LoopState()
+    if recipe.lora.enabled and not has_lora(model):  # LoRA: adapters go in before resume, so their weights load too
+        apply_lora(model, recipe.lora, seed=tcfg.seed)
     if checkpoint is not None:
         state = LoopState(**json.loads((checkpoint / "trainer_state" / "state.json").read_text()))
         check_not_finished(checkpoint, state.step, tcfg.max_steps)
@@ -281,6 +284,7 @@ def train(stage: Stage, recipe: Recipe, resume: str | None = None, overwrite: bo
         if stage.final_files is not None:
             model.eval()
             extra.update(stage.final_files(unwrapped))
+        extra.update(finish_lora(unwrapped, recipe.lora))  # merged ternary model, or base + adapter/
         save_checkpoint(unwrapped, stage.tokenizer, final, extra=extra)
     if recipe.logging.report_to:
         accelerator.end_training()

@@ -25,9 +25,11 @@ from tqdm.auto import tqdm
 
 from bitnet_rl.data.prompts import encode_prompt, load_prompts, rollout_prompt_ids
 from bitnet_rl.errors import UserError
+from bitnet_rl.lora.apply import finish_lora
+from bitnet_rl.lora.critic import adapter_critic
+from bitnet_rl.lora.rl import lora_generator, policy_reference
 from bitnet_rl.models.build import build_policy, resolve_dtype, resolve_model_dir
 from bitnet_rl.models.convert import enable_checkpointing
-from bitnet_rl.models.frozen import frozen_ternary_copy
 from bitnet_rl.models.io import prompt_format_of, save_checkpoint
 from bitnet_rl.models.value import load_scalar_model
 from bitnet_rl.quant.bitlinear import set_lambda
@@ -117,7 +119,7 @@ class PPOTrainer:
         self.accelerator = make_accelerator(recipe, self.out)
         device = device or self.accelerator.device
         self.policy, self.tokenizer = build_policy(recipe.model, recipe.quant, lam=current_lambda(recipe, 0), device=device, seed=recipe.train.seed)
-        self.reference = frozen_ternary_copy(self.policy)
+        self.reference = policy_reference(self.policy, recipe)  # with LoRA: the base with adapters off (no second copy)
         self.reward = reward or load_rewards([(r.weight, r.source) for r in cfg.rewards], device=device)
         self.critic = self._build_critic(device) if ADVANTAGE_ESTIMATORS[cfg.advantage].needs_critic else None
         self.prompts = load_prompts(cfg.prompts or "demo", cfg.num_prompts, seed=recipe.train.seed)
@@ -138,12 +140,12 @@ class PPOTrainer:
         self.kl_ctl = kl_controller(cfg)
         self.state = LoopState()
         max_prompt = max(len(p) for p in self.prompt_ids + [encode_prompt(self.tokenizer, p, self.chat) for p in self.eval_prompts])
-        self.generator = make_generator(
+        self.generator = lora_generator(lambda: make_generator(  # with LoRA, syncs re-pack Q(W + s·B·A)
             self.unwrapped,
             backend=recipe.rollout.backend,
             max_batch_size=cfg.prompts_per_iteration * cfg.samples_per_prompt,
             max_seq_len=max_prompt + recipe.rollout.max_new_tokens,
-        )
+        ), self.unwrapped)
         self.evaluate = make_evaluator(recipe, self.tokenizer, self.reward, self.generator, self.eval_prompts, self.chat)
         self.codes = code_snapshot(self.unwrapped) if recipe.logging.health_every else None
 
@@ -158,6 +160,8 @@ class PPOTrainer:
 
     def _build_critic(self, device) -> nn.Module:
         recipe, cfg = self.recipe, self.cfg
+        if recipe.lora.enabled and recipe.lora.critic == "adapter":  # a second adapter on the policy's weights
+            return adapter_critic(self.policy, recipe.lora, seed=recipe.train.seed)
         dtype = resolve_dtype(recipe.model.dtype, device)
         if cfg.critic == "reward_model":
             dirs = [r.source for r in cfg.rewards if Path(r.source).is_dir()]
@@ -364,7 +368,10 @@ class PPOTrainer:
             state = {**asdict(self.state), "extra": {"iteration": iteration, "kl_ctl": self.kl_ctl.state_dict()}}
             (trainer_dir / "state.json").write_text(json.dumps(state))
 
-        return save_checkpoint(self.unwrapped, self.tokenizer, path, extra={"trainer_state": write_state})
+        extra = {"trainer_state": write_state}
+        if path.name == "final":  # with LoRA: the merged (ternary) model, or base + adapter/
+            extra.update(finish_lora(self.unwrapped, self.recipe.lora))
+        return save_checkpoint(self.unwrapped, self.tokenizer, path, extra=extra)
 
     def _load(self, checkpoint: Path) -> int:
         trainer_dir = checkpoint / "trainer_state"

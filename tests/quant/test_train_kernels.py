@@ -42,6 +42,18 @@ def test_weight_cache_keeps_the_straight_through_gradient():
     torch.testing.assert_close(layer.weight.grad, cached, rtol=0, atol=0)
 
 
+def test_weight_cache_made_in_inference_mode_is_not_used_for_backward():
+    """A rollout under `inference_mode` (weights unchanged since) must not hand its Q(W) to a training forward."""
+    torch.manual_seed(0)
+    layer = BitLinear(16, 8)
+    x = torch.randn(4, 16)
+    with torch.inference_mode():
+        rollout = layer(x)
+    out = layer(x)
+    out.sum().backward()
+    assert torch.equal(out.detach(), rollout) and layer.weight.grad is not None
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not triton_available(), reason="needs CUDA and Triton")
 def test_fake_quant_kernel_is_bit_exact():

@@ -48,7 +48,8 @@ class QuantizedWeightCache:
 
     def get(self, weight: torch.Tensor, compute, *, dtype: torch.dtype | None = None) -> torch.Tensor:
         """`compute(weight)` cast to `dtype`, recomputed only when `weight` changed since the last call."""
-        key = (weight.data_ptr(), weight._version, weight.dtype, dtype, weight.device)
+        # inference mode in the key: a Q(W) made under `inference_mode` (rollouts) cannot be saved for backward
+        key = (weight.data_ptr(), weight._version, weight.dtype, dtype, weight.device, torch.is_inference_mode_enabled())
         if self.key != key:
             value = compute(weight)
             self.value = value if dtype is None else value.to(dtype)
