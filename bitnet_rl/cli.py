@@ -304,13 +304,14 @@ def recipe_show(
     """Print the resolved recipe as the command will run it (its defaults, the file and overrides merged), as YAML."""
     import yaml
 
-    from bitnet_rl.recipe import STAGE_DEFAULTS, infer_stage, load_recipe, read_yaml
+    from bitnet_rl.recipe import STAGE_DEFAULTS, infer_stage, load_recipe, read_yaml, stage_sections
 
     if stage is not None and stage not in STAGE_DEFAULTS:
         raise UserError(f"--stage {stage!r}: use one of {', '.join(STAGE_DEFAULTS)}")
     stage = stage or infer_stage(read_yaml(recipe))
     resolved = load_recipe(recipe, overrides, stage=stage)
-    typer.echo(f"# what `bitnet-rl {stage}` runs with\n" + yaml.safe_dump(json.loads(resolved.model_dump_json()), sort_keys=False))
+    shown = json.loads(resolved.model_dump_json(include=set(stage_sections(stage))))
+    typer.echo(f"# what `bitnet-rl {stage}` runs with\n" + yaml.safe_dump(shown, sort_keys=False))
 
 
 @recipe_app.command("reference")

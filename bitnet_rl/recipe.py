@@ -349,14 +349,30 @@ def infer_stage(data: dict[str, Any]) -> str:
 
 
 def check_stage_keys(data: dict[str, Any], stage: str, source: str) -> None:
-    """Refuse a key of another command's section (e.g. `dpo.beta` in an sft recipe), naming it."""
+    """Refuse a key of another command's section (e.g. `dpo.beta` in an sft recipe), naming it.
+
+    A section left at its defaults (as `recipe show` of a full recipe writes it) is harmless and
+    passes; a value that differs would be silently ignored, so it is an error."""
+    defaults = Recipe().model_dump(mode="json")
     for owner, sections in STAGE_ONLY_SECTIONS.items():
         for section in sections:
             if owner == stage or section not in data:
                 continue
             value = data[section]
-            key = f"{section}.{next(iter(value))}" if isinstance(value, dict) and value else section
+            if isinstance(value, dict):
+                changed = [k for k, v in value.items() if defaults[section].get(k, object()) != v]
+                if not changed:
+                    continue
+                key = f"{section}.{changed[0]}"
+            else:
+                key = section
             raise UserError(f"{source}: {key} is a `bitnet-rl {owner}` key, but this recipe runs `bitnet-rl {stage}`")
+
+
+def stage_sections(stage: str) -> list[str]:
+    """The recipe sections `bitnet-rl STAGE` reads (every section but other commands' own)."""
+    foreign = {s for owner, sections in STAGE_ONLY_SECTIONS.items() if owner != stage for s in sections}
+    return [name for name in Recipe.model_fields if name not in foreign]
 
 
 def load_recipe(

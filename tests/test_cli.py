@@ -47,6 +47,7 @@ def test_recipe_show_prints_what_the_command_runs_with(tmp_path):
     path.write_text("train:\n  max_steps: 3\n")
     rm = yaml.safe_load(runner.invoke(app, ["recipe", "show", str(path), "--stage", "rm"]).output)
     assert rm["optimizer"]["lr"] == 1e-5 and rm["out"] == "runs/rm" and rm["train"]["max_steps"] == 3
+    assert "dpo" not in rm and "ppo" not in rm and "rollout" not in rm and "dpo" in shown  # only what the command reads
 
 
 @pytest.mark.parametrize(

@@ -80,7 +80,8 @@ def test_overrides_never_change_the_base_defaults():
         ("sft", "", ["ppo.kl_coef=0.1"], r"ppo.kl_coef is a `bitnet-rl ppo` key, but this recipe runs `bitnet-rl sft`"),
         ("dpo", "rollout:\n  temperature: 0.7\n", [], r"rollout.temperature is a `bitnet-rl ppo` key"),
         ("rm", "dpo:\n  beta: 0.2\n", [], r"dpo.beta is a `bitnet-rl dpo` key, but this recipe runs `bitnet-rl rm`"),
-        ("ppo", "dpo: {}\n", [], r"r.yaml: dpo is a `bitnet-rl dpo` key, but this recipe runs `bitnet-rl ppo`"),
+        ("ppo", "dpo: 3\n", [], r"r.yaml: dpo is a `bitnet-rl dpo` key, but this recipe runs `bitnet-rl ppo`"),
+        ("sft", "dpo:\n  beta: 0.1\n  loss_type: ipo\n", [], r"dpo.loss_type is a `bitnet-rl dpo` key"),
     ],
 )
 def test_a_key_of_another_command_is_an_error(tmp_path, stage, text, overrides, match):
@@ -88,6 +89,15 @@ def test_a_key_of_another_command_is_an_error(tmp_path, stage, text, overrides, 
     path.write_text(text)
     with pytest.raises(UserError, match=match):
         load_recipe(path, overrides, stage=stage)
+
+
+def test_a_full_dump_with_other_sections_at_their_defaults_loads(tmp_path):
+    """`recipe show`/`model_dump` of a whole recipe carries every section at its defaults: harmless."""
+    import json
+
+    path = tmp_path / "r.yaml"
+    path.write_text(json.dumps(json.loads(Recipe(train={"max_steps": 3}).model_dump_json())))
+    assert load_recipe(path, stage="sft").train.max_steps == 3
 
 
 def test_stage_defaults_apply_under_the_file_and_overrides(tmp_path):
