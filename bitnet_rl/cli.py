@@ -314,6 +314,14 @@ def recipe_show(
     typer.echo(f"# what `bitnet-rl {stage}` runs with\n" + yaml.safe_dump(shown, sort_keys=False))
 
 
+@recipe_app.command("list")
+def recipe_list() -> None:
+    """The recipes that ship with bitnet-rl (give any of them to a command, from any directory)."""
+    from bitnet_rl.recipe import shipped_recipes
+
+    typer.echo("\n".join(shipped_recipes()))
+
+
 @recipe_app.command("reference")
 def recipe_reference() -> None:
     """Print every recipe key with its default and meaning, then each command's own defaults (markdown)."""

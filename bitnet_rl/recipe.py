@@ -278,10 +278,29 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
+SHIPPED_RECIPES = Path(__file__).parent / "recipes"  # installed with the package
+
+
+def shipped_recipes() -> list[str]:
+    """Names of the recipes that ship with the package, e.g. `recipes/tiny/grpo.yaml`."""
+    return sorted(f"recipes/{p.relative_to(SHIPPED_RECIPES).as_posix()}" for p in SHIPPED_RECIPES.glob("*/*.yaml"))
+
+
+def resolve_recipe_path(path: str | Path) -> Path:
+    """A recipe file: `path` itself, or else the shipped recipe it names (`recipes/tiny/sft.yaml` or
+    `tiny/sft.yaml`), so the README's recipe paths work from any directory after `pip install`."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"recipe not found: {path}")
+    if path.is_file():
+        return path
+    parts = path.parts[1:] if path.parts[:1] == ("recipes",) else path.parts
+    shipped = SHIPPED_RECIPES.joinpath(*parts) if parts and not path.is_absolute() else None
+    if shipped is not None and shipped.is_file():
+        return shipped
+    raise UserError(f"recipe not found: {path} (shipped recipes: {', '.join(shipped_recipes())})")
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = resolve_recipe_path(path)
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8")

@@ -31,6 +31,13 @@ def test_recipe_show_resolves_overrides(tmp_path):
     assert "lr: 0.001" in result.output and "max_steps: 5" in result.output
 
 
+def test_recipe_list_names_shipped_recipes_that_load():
+    result = runner.invoke(app, ["recipe", "list"])
+    assert result.exit_code == 0 and "recipes/tiny/grpo.yaml" in result.output.split()
+    for name in result.output.split():
+        assert runner.invoke(app, ["recipe", "show", name]).exit_code == 0, name
+
+
 def test_recipe_show_prints_what_the_command_runs_with(tmp_path):
     """A DPO recipe shows DPO's own defaults (lr 1e-6, max_length 1024), not the schema's (1e-4, 512)."""
     import yaml

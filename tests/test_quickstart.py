@@ -8,7 +8,7 @@ import pytest
 from bitnet_rl.quickstart import DPO_RECIPE, PPO_RECIPE, RM_RECIPE, SFT_RECIPE, TINY_SHAPE, format_table
 from bitnet_rl.recipe import read_yaml
 
-ROOT = Path(__file__).resolve().parents[1] / "recipes" / "tiny"
+ROOT = Path(__file__).resolve().parents[1] / "bitnet_rl" / "recipes" / "tiny"
 
 
 def _without(data, *keys):

@@ -50,11 +50,28 @@ def test_shipped_recipes_validate():
 
     from bitnet_rl.recipe import read_yaml, validate
 
-    root = Path(__file__).resolve().parents[1] / "recipes"
+    root = Path(__file__).resolve().parents[1] / "bitnet_rl" / "recipes"
     files = sorted(root.rglob("*.yaml"))
     assert files
     for file in files:
         validate(Recipe, read_yaml(file), str(file))
+
+
+def test_shipped_recipes_resolve_from_any_directory(tmp_path, monkeypatch):
+    """`recipes/tiny/grpo.yaml` (the README's spelling) and `tiny/grpo.yaml` name the packaged file
+    from any working directory; a local file of that name wins."""
+    from bitnet_rl.recipe import SHIPPED_RECIPES, resolve_recipe_path, shipped_recipes
+
+    monkeypatch.chdir(tmp_path)
+    shipped = SHIPPED_RECIPES / "tiny" / "grpo.yaml"
+    assert resolve_recipe_path("recipes/tiny/grpo.yaml") == shipped == resolve_recipe_path("tiny/grpo.yaml")
+    assert load_recipe("recipes/tiny/grpo.yaml", stage="ppo").ppo.advantage == "grpo"
+    assert "recipes/tiny/grpo.yaml" in shipped_recipes() and "recipes/bitnet-2b4t/sft.yaml" in shipped_recipes()
+    (tmp_path / "recipes" / "tiny").mkdir(parents=True)
+    (tmp_path / "recipes" / "tiny" / "grpo.yaml").write_text("optimizer:\n  lr: 0.5\n")
+    assert load_recipe("recipes/tiny/grpo.yaml").optimizer.lr == 0.5
+    with pytest.raises(UserError, match=r"recipe not found: tiny/nope.yaml \(shipped recipes: recipes/bitnet-2b4t/dpo.yaml"):
+        load_recipe("tiny/nope.yaml")
 
 
 def test_readme_recipe_reference_is_current():

@@ -79,7 +79,7 @@ def run_grpo_stage(root: Path, paths: dict[str, Path], model: Path, seed: int, s
     from bitnet_rl.recipe import Recipe, load_recipe
     from bitnet_rl.train.ppo import run_ppo
 
-    recipe = load_recipe(Path(__file__).resolve().parents[2] / "recipes" / "tiny" / "grpo.yaml")
+    recipe = load_recipe("recipes/tiny/grpo.yaml")
     data = recipe.model_dump()
     data.update(out=str(root / f"grpo-{seed}"), model={"path": str(model)})
     data["train"]["seed"] = seed
