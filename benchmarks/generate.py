@@ -104,21 +104,9 @@ def bench_ours(model, args, device, batches) -> tuple[dict, dict]:
     return rows, info, gen
 
 
-def time_replays(graph, count: int = 20) -> float:
-    """Milliseconds per replay of a captured graph."""
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(count):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / count
-
-
 def breakdown(gen, batches, position: int = 256) -> dict:
     """Per-op GPU time of one decode step, each op captured over all layers in one CUDA graph."""
-    from bitnet_rl.quant.kernels.tuner import time_graph
+    from bitnet_rl.quant.kernels.tuner import time_graph, time_replays
     from bitnet_rl.rollout.forward import attention_kwargs, head
     from bitnet_rl.rollout.layers import decode_attention, linear, norm_quant
 
@@ -161,7 +149,7 @@ def breakdown(gen, batches, position: int = 256) -> dict:
             ]
         ) / len(model.layers)
         row["final norm + lm_head (once)"] = 1e3 * time_graph(lambda: head(model, h))
-        row["whole decode step (graph)"] = 1e3 * time_replays(gen._graph(b))
+        row["whole decode step (graph)"] = 1e3 * time_replays(gen._graph(b), 20)
         row["attention tile"] = str(gen.tuner.attention_tile(b))
         table[b] = row
         print(f"breakdown batch {b}: {row}", flush=True)

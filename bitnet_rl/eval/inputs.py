@@ -106,14 +106,11 @@ def correct_beside(spec: str) -> Callable[[str, str], bool] | None:
 def load_prompt_list(path: str, limit: int | None) -> list[Any]:
     """Prompts from a file (field `prompt` or `messages`) or `demo` (held-out demo prompts).
 
-    A prompt must be a string or a list of {role, content} messages."""
+    `load_prompts` checks each prompt (a non-empty string or a list of {role, content} messages,
+    naming `file:line` otherwise)."""
     from bitnet_rl.data.prompts import load_prompts
 
     prompts = load_prompts(path, n=limit or 256, seed=1)
     if not prompts:
         raise UserError(f"--prompts {path}: no prompts in the file")
-    for index, prompt in enumerate(prompts):
-        ok = isinstance(prompt, str) or (isinstance(prompt, list) and all(isinstance(m, dict) and "content" in m for m in prompt))
-        if not ok:
-            raise UserError(f"--prompts {path}: record {index}: 'prompt' must be a string or a list of messages, got {type(prompt).__name__}")
     return prompts[:limit] if limit else prompts

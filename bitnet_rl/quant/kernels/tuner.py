@@ -57,6 +57,11 @@ def time_graph(fn, replays: int = 10) -> float:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
+    return time_replays(graph, replays)
+
+
+def time_replays(graph, replays: int = 10) -> float:
+    """Milliseconds per replay of a captured CUDA graph (one warm replay first)."""
     graph.replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
