@@ -22,7 +22,7 @@ vendored by llama-cpp-python 0.3.36, applies SiLU in the FFN whatever `hidden_ac
 
 from __future__ import annotations
 
-import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -130,8 +130,11 @@ def write_gguf(policy: nn.Module, tokenizer, out: Path, ternary_type: str = "TQ2
     meta = vocab_metadata(tokenizer, config.vocab_size)
     arch, tied = ARCHS[config.model_type], tied_head(policy)
     if config.hidden_act != "silu":
-        print(f"warning: gguf: this model uses {config.hidden_act}; llama.cpp's {arch} graph (llama-cpp-python <= 0.3.36) applies SiLU "
-              f"unless it reads {arch}.hidden_activation, so its outputs will differ", file=sys.stderr)  # fmt: skip
+        warnings.warn(
+            f"gguf: this model uses {config.hidden_act}; llama.cpp's {arch} graph (llama-cpp-python <= 0.3.36) applies SiLU "
+            f"unless it reads {arch}.hidden_activation, so its outputs will differ",
+            stacklevel=2,
+        )
     quantized = {f"{name}.weight": module for name, module in modules}
     file_name = f"model-{ternary_type.lower()}.gguf"
 

@@ -143,6 +143,20 @@ def test_refusals(tmp_path, tokenizer):
         assert not (tmp_path / f"{name}-out").exists()
 
 
+def test_non_silu_activation_is_exported_with_a_warning(tmp_path, tokenizer):
+    """llama.cpp's graph applies SiLU: a relu² model (BitNet 2B4T's activation) exports, says so, and records its activation."""
+    import gguf
+    from transformers import BitNetForCausalLM
+
+    from bitnet_rl.models.convert import to_bitlinear
+    from bitnet_rl.models.io import save_checkpoint
+
+    save_checkpoint(to_bitlinear(BitNetForCausalLM(llama_cpp_shape(tokenizer, hidden_act="relu2"))), tokenizer, tmp_path / "ckpt")
+    with pytest.warns(UserWarning, match="uses relu2; llama.cpp's bitnet graph"):
+        (path,) = export_checkpoint(tmp_path / "ckpt", "gguf", tmp_path / "out").path.glob("*.gguf")
+    assert gguf.GGUFReader(str(path)).fields["bitnet.hidden_activation"].contents() == "relu2"
+
+
 def test_per_channel_scales_are_kept(tmp_path, tokenizer):
     import gguf
     from transformers import BitNetForCausalLM
