@@ -9,8 +9,8 @@ Rows (each measured in this run):
 
 DPO: one step on random preference pairs (chosen + rejected in one forward, reference log-probs
 under no_grad). PPO: the policy side of one update (reference log-probs, then a clipped-ratio
-loss with a k3 KL term, backward, AdamW) on random sequences; the critic is left out (LoRA here has
-no critic-as-adapter yet, so a critic would be the same full model in every row). Gradient
+loss with a k3 KL term, backward, AdamW) on random sequences; the critic is left out (not measured: with `lora.critic: adapter` it adds
+one more adapter and a value head on the same base, with `model` a second full model). Gradient
 checkpointing on, bf16 weights, random weights and tokens.
 
     python benchmarks/lora_memory.py --layers 30 --pairs 4 --seq 512 --seqs 16       # GPU
@@ -159,12 +159,18 @@ def main() -> None:
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu (memory not measured)"
     print(f"{name}: {args.shape} shape, {args.layers} layers, bf16 weights, LoRA r={args.rank} on all 7 projections, gradient checkpointing")
     print(f"DPO: {args.pairs} pairs x {args.seq} tokens; PPO: {args.seqs} sequences x {args.seq} tokens (policy side, no critic)")
-    print("| algorithm | mode | trainable M params | policy + reference GiB | peak GiB | step s |")
-    print("|---|---|---|---|---|---|")
+    print("| algorithm | mode | trainable M params | policy + reference GiB | peak GiB | peak vs first row | step s | step vs first row |")
+    print("|---|---|---|---|---|---|---|---|")
     for algo in args.algos:
+        base = None
         for mode in args.modes:
             r = measure(algo, mode, args)
-            print(f"| {algo} | {mode} | {r['trainable_m']:,.3f} | {r['weights']:.2f} | {r['peak']:.2f} | {r['step_s']:.3f} |", flush=True)
+            base = base or r  # the first mode (full by default) is the baseline of its algorithm
+            print(
+                f"| {algo} | {mode} | {r['trainable_m']:,.3f} | {r['weights']:.2f} | {r['peak']:.2f} | {r['peak'] / base['peak']:.2f}x "
+                f"| {r['step_s']:.3f} | {r['step_s'] / base['step_s']:.2f}x |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":
