@@ -285,7 +285,7 @@ def export(
     format: str = typer.Option(..., "--format", help="packed (transformers offline 2-bit), bf16 (master weights) or gguf (llama.cpp)."),
     out: Path = typer.Option(..., "--out", help="Directory to write (replaced atomically if it exists)."),
     gguf_type: str = typer.Option("TQ2_0", "--gguf-type", help="Ternary GGUF type: TQ2_0 (2.06 bits/weight, faster) or TQ1_0 (1.69 bits/weight, smaller)."),
-    merge_lora: bool = typer.Option(False, "--merge-lora", help="Merge the checkpoint's adapter/ (trained with lora.merge=false) into its weights first."),
+    merge_lora: bool = typer.Option(False, "--merge-lora", help="Require the checkpoint's adapter/ (trained with lora.merge=false). An adapter/ is merged whenever a checkpoint loads; this flag makes its absence an error."),
 ) -> None:
     """Write a model for where it will run, and print the on-disk sizes."""
     from bitnet_rl.export import export_checkpoint

@@ -84,7 +84,7 @@ def writer(fmt: str) -> Callable:
 def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path, merge_lora: bool = False, **options) -> ExportResult:
     """Export `checkpoint` (any directory `load_policy` reads, or a run directory) as `fmt` into `out`.
 
-    `merge_lora` merges the checkpoint's `adapter/` first. `options` go to the format's writer (gguf: `ternary_type="TQ2_0"|"TQ1_0"`).
+    A checkpoint's `adapter/` is always merged (`load_policy` does it); `merge_lora` makes its absence an error. `options` go to the format's writer (gguf: `ternary_type="TQ2_0"|"TQ1_0"`).
     The model is exported at λ = 1: the fully ternary function the policy computes after warm-up.
     """
     from bitnet_rl.models.build import resolve_model_dir
@@ -96,11 +96,9 @@ def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path, merge_l
     out = Path(out)
     if out.resolve() == source.resolve():
         raise UserError(f"--out {out} is the checkpoint itself; choose another directory")
-    policy = load_policy(source, dtype=stored_dtype(raw)).eval()
-    if merge_lora:  # the checkpoint's adapter/ (lora.merge: false) merged into its base weights
-        from bitnet_rl.lora.merge import merge_saved_adapter
-
-        policy = merge_saved_adapter(policy, source).eval()
+    if merge_lora and not (source / "adapter" / "adapter_config.json").is_file():
+        raise UserError(f"--merge-lora: {source} has no adapter/ (train with lora.merge=false to get one)")
+    policy = load_policy(source, dtype=stored_dtype(raw)).eval()  # merges an adapter/ it finds
     final = write(policy, load_tokenizer(source), out, **options)
     return ExportResult(final, dir_sizes(final), weight_bytes(source))
 

@@ -146,6 +146,8 @@ def load_policy(
     with a bitnet `quantization_config` (online: master weights; offline: 2-bit packed codes,
     unpacked to master weights whose requantization gives back the same codes and scale), and
     (c) a dense Llama/Mistral/Qwen-style causal LM, converted to BitLinear.
+    A directory with `adapter/` (a LoRA run with `lora.merge: false`) loads with the adapter merged
+    in: for pre_quant adapters that is exactly the adapted ternary model.
     `quant` defaults to the settings recorded in the checkpoint, else per-tensor int8.
     """
     from transformers import AutoModelForCausalLM
@@ -173,6 +175,10 @@ def load_policy(
     quantize_model(model, quant, lam)
     if not bitlinear_modules(model):
         raise UserError(f"{path}: no q/k/v/o/gate/up/down projections found to quantize in {type(model).__name__}")
+    if (path / "adapter" / "adapter_config.json").is_file():  # written by lora.merge: false: the model is base + adapter
+        from bitnet_rl.lora.merge import merge_saved_adapter
+
+        model = merge_saved_adapter(model, path)
     return model.to(device)
 
 

@@ -69,8 +69,10 @@ def test_dpo_lora_unmerged_final_keeps_the_base_and_an_adapter(sft_dir, tmp_path
     assert (final / "adapter" / "adapter_model.safetensors").is_file()
     config = json.loads((final / "adapter" / "adapter_config.json").read_text())
     assert config["r"] == 8 and config["bitnet_rl_mode"] == "pre_quant"
-    start, end = load_policy(sft_dir).state_dict(), load_policy(final).state_dict()
-    assert all(torch.equal(start[k], end[k]) for k in start)
+    from bitnet_rl.models.io import read_weight_files
+
+    start, end = read_weight_files(sft_dir), read_weight_files(final)  # the files, before load_policy merges adapter/
+    assert start.keys() == end.keys() and all(torch.equal(start[k], end[k]) for k in start)
 
 
 TINY2 = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 128}
@@ -136,6 +138,13 @@ def test_export_merge_lora_equals_the_merged_final(sft_dir, tmp_path):
     a, b = code_snapshot(load_policy(tmp_path / "a")), code_snapshot(load_policy(tmp_path / "b"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert sum(int((a[k] != code_snapshot(load_policy(sft_dir))[k]).sum()) for k in a) > 0
+    # any command loading the unmerged final (eval, generate, the next stage) gets the adapted model, not its base
+    direct = code_snapshot(load_policy(unmerged))
+    assert all(torch.equal(a[k], direct[k]) for k in a)
+    result = runner.invoke(app, ["export", str(unmerged), "--format", "packed", "--out", str(tmp_path / "d")])
+    assert result.exit_code == 0, result.output
+    d = code_snapshot(load_policy(tmp_path / "d"))
+    assert all(torch.equal(a[k], d[k]) for k in a)
     result = runner.invoke(app, ["export", str(merged), "--format", "packed", "--out", str(tmp_path / "c"), "--merge-lora"])
     assert result.exit_code == 2 and "no adapter/" in result.output
 
