@@ -37,7 +37,7 @@ from bitnet_rl.models.convert import enable_checkpointing
 from bitnet_rl.models.io import save_checkpoint
 from bitnet_rl.quant.bitlinear import set_lambda
 from bitnet_rl.quant.health import code_snapshot, ternary_health
-from bitnet_rl.recipe import Recipe
+from bitnet_rl.recipe import CommonSections
 from bitnet_rl.train.loop import (
     LoopState,
     MetricsLog,
@@ -94,9 +94,11 @@ class Trained:
 
 
 class Run:
-    """A training run in `recipe.out` for `command`; see the module docstring for what it owns."""
+    """A training run in `recipe.out` for `command`; see the module docstring for what it owns.
 
-    def __init__(self, recipe: Recipe, command: str) -> None:
+    It reads only the sections every command has (`CommonSections`), so any command's recipe class works."""
+
+    def __init__(self, recipe: CommonSections, command: str) -> None:
         self.recipe, self.command, self.out = recipe, command, Path(recipe.out)
         self.accelerator = make_accelerator(recipe, self.out)
         self.state = LoopState()  # optimizer steps, data position, tokens
