@@ -126,3 +126,24 @@ def test_resume_with_nothing_left_names_the_stage_key(sft_dir, tmp_path):
     run_toy(tmp_path / "a", sft_dir, total=2, eval_every=0, every=1)
     with pytest.raises(UserError, match=r"at step 2 and toy.steps=2"):
         run_toy(tmp_path / "a", sft_dir, total=2, eval_every=0, every=1, resume=str(tmp_path / "a" / "final"))
+
+
+def test_an_sft_checkpoint_in_the_older_layout_resumes_exactly(tmp_path):
+    """Checkpoints written before the run object have no `iteration` in state.json (SFT/DPO/RM:
+    stage steps are optimizer steps); they still resume, bit-exactly."""
+    from bitnet_rl.train.sft import run_sft
+
+    from .test_sft import recipe as sft_recipe
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    run_sft(sft_recipe(a, train={"max_steps": 6}))
+    run_sft(sft_recipe(b, train={"max_steps": 6}, checkpoint={"every": 3}))
+    state_file = b / "checkpoints" / "step-0000003" / "trainer_state" / "state.json"
+    state = json.loads(state_file.read_text())
+    assert state["extra"] == {"iteration": 3}
+    state_file.write_text(json.dumps({**state, "extra": {}}))  # the older layout
+    final = run_sft(sft_recipe(b, train={"max_steps": 6}, checkpoint={"every": 3}), resume=str(state_file.parents[1]))
+    wa, wb = load_file(str(a / "final" / "model.safetensors")), load_file(str(final / "model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    rows = [json.loads(line) for line in (b / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(7))
