@@ -304,13 +304,13 @@ def recipe_show(
     """Print the resolved recipe as the command will run it (its defaults, the file and overrides merged), as YAML."""
     import yaml
 
-    from bitnet_rl.recipe import STAGE_DEFAULTS, infer_stage, load_recipe, read_yaml, stage_sections
+    from bitnet_rl.recipe import STAGE_RECIPES, infer_stage, load_recipe, read_yaml
 
-    if stage is not None and stage not in STAGE_DEFAULTS:
-        raise UserError(f"--stage {stage!r}: use one of {', '.join(STAGE_DEFAULTS)}")
+    if stage is not None and stage not in STAGE_RECIPES:
+        raise UserError(f"--stage {stage!r}: use one of {', '.join(STAGE_RECIPES)}")
     stage = stage or infer_stage(read_yaml(recipe))
-    resolved = load_recipe(recipe, overrides, stage=stage)
-    shown = json.loads(resolved.model_dump_json(include=set(stage_sections(stage))))
+    resolved = load_recipe(recipe, overrides, stage=stage)  # the command's own class, as the command loads it
+    shown = json.loads(resolved.model_dump_json())
     typer.echo(f"# what `bitnet-rl {stage}` runs with\n" + yaml.safe_dump(shown, sort_keys=False))
 
 
@@ -325,8 +325,7 @@ def recipe_list() -> None:
 @recipe_app.command("reference")
 def recipe_reference() -> None:
     """Print every recipe key with its default and meaning, then each command's own defaults (markdown)."""
-    from bitnet_rl.recipe import reference_markdown
-    from bitnet_rl.reference import command_defaults_markdown
+    from bitnet_rl.reference import command_defaults_markdown, reference_markdown
 
     typer.echo(reference_markdown() + "\n\nDefaults that depend on the command:\n\n" + command_defaults_markdown())
 

@@ -1,14 +1,18 @@
-"""Recipes: pydantic models of every section, a YAML loader and `key.sub=value` overrides.
+"""Recipes: pydantic models of every section, each command's recipe class, a YAML loader and
+`key.sub=value` overrides.
 
-Unknown keys and wrong types are `UserError`s naming the key path and the file. The field
-descriptions below are the recipe reference in the README (`bitnet-rl recipe reference`).
+`Recipe` holds every section; each command validates against its own class (`SFTRecipe`,
+`DPORecipe`, `RMRecipe`, `PPORecipe`), which holds only the sections it reads and applies the
+command's defaults (`STAGE_DEFAULTS`). Unknown keys, another command's keys and wrong types are
+`UserError`s naming the key path and the file. The field descriptions below are the recipe
+reference in the README (`bitnet-rl recipe reference`).
 """
 
 from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -232,7 +236,9 @@ class PPOConfig(Section):
     eval_path: str | None = Field(None, description="Held-out prompts file for evaluation; default: fresh demo prompts when prompts is `demo`, none otherwise.")
 
 
-class Recipe(Section):
+class CommonSections(Section):
+    """The sections every command reads."""
+
     out: str = Field("runs/out", description="Output directory (checkpoints, metrics.jsonl).")
     model: ModelConfig = Field(default_factory=ModelConfig, description="Policy to load.")
     quant: QuantConfig = Field(default_factory=QuantConfig, description="BitLinear quantization and λ schedule.")
@@ -243,9 +249,24 @@ class Recipe(Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Checkpointing.")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Metrics and progress.")
     lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA adapters.")
+
+
+class DPOSections(Section):
+    """What only `bitnet-rl dpo` reads."""
+
     dpo: DPOConfig = Field(default_factory=DPOConfig, description="DPO (bitnet-rl dpo).")
+
+
+class PPOSections(Section):
+    """What only `bitnet-rl ppo` reads."""
+
     rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="Sampling for RL.")
     ppo: PPOConfig = Field(default_factory=PPOConfig, description="PPO / GRPO (bitnet-rl ppo).")
+
+
+class Recipe(PPOSections, DPOSections, CommonSections):
+    """Every section, at the schema's defaults: the Python API's recipe (`validate(Recipe, ...)`) and
+    the recipe reference. Each command validates against its own class (`STAGE_RECIPES`)."""
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -328,14 +349,19 @@ def validate(model_cls: type[Section], data: dict[str, Any], source: str) -> Sec
         first = err.errors()[0]
         key = ".".join(str(p) for p in first["loc"]) or "(top level)"
         if first["type"] == "extra_forbidden":
+            owner = section_owner(key) if issubclass(model_cls, StageRecipe) else None
+            if owner is not None:
+                shown = _foreign_key(key, first.get("input"))
+                raise UserError(f"{source}: {shown} is a `bitnet-rl {owner}` key, but this recipe runs `bitnet-rl {model_cls.stage}`") from None
             raise UserError(f"{source}: unknown key {key}") from None
         if first["type"] == "value_error":
             raise UserError(f"{source}: {first['msg'].removeprefix('Value error, ')}") from None
         raise UserError(f"{source}: {key}: {first['msg']} (got {first.get('input')!r})") from None
 
 
-# Defaults each command runs with where its recipe is silent: the one place they live (the README's
-# per-command table is generated from it). sft needs a recipe file; dpo/rm/ppo run without one.
+# Defaults each command runs with where its recipe is silent: the one place they live (each command's
+# class below applies them; the README's per-command table is generated from them). sft needs a
+# recipe file; dpo/rm/ppo run without one.
 STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     "sft": {},
     "dpo": {  # TRL's DPO defaults where they apply
@@ -354,9 +380,74 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     },
     "ppo": {"out": "runs/ppo", "optimizer": {"lr": 1e-6}, "scheduler": {"kind": "constant"}},
 }
-# Sections that only one command reads: a recipe for another command that sets them is a mistake
-# (it would be ignored without a word).
-STAGE_ONLY_SECTIONS: dict[str, tuple[str, ...]] = {"dpo": ("dpo",), "ppo": ("rollout", "ppo")}
+
+
+class StageRecipe(CommonSections):
+    """A command's recipe: only the sections it reads, so another command's key is a validation
+    error, with the command's defaults (`STAGE_DEFAULTS[stage]`) under whatever it is given.
+    `recipe show` prints an instance, so it shows exactly what the command runs with."""
+
+    stage: ClassVar[str]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _command_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        # a whole-recipe dump (an older run's recipe.json) carries the other commands' sections at
+        # their defaults: harmless, dropped; a changed value would be ignored, so it stays and is refused
+        data = {k: v for k, v in data.items() if k in cls.model_fields or section_owner(k) is None or _changed_keys(k, v)}
+        merged = _deep_merge(copy.deepcopy(STAGE_DEFAULTS[cls.stage]), data)
+        return {k: merged[k] for k in cls.model_fields if k in merged} | {k: v for k, v in merged.items() if k not in cls.model_fields}
+
+
+class SFTRecipe(StageRecipe):
+    """`bitnet-rl sft`."""
+
+    stage: ClassVar[str] = "sft"
+
+
+class DPORecipe(DPOSections, StageRecipe):
+    """`bitnet-rl dpo`."""
+
+    stage: ClassVar[str] = "dpo"
+
+
+class RMRecipe(StageRecipe):
+    """`bitnet-rl rm`."""
+
+    stage: ClassVar[str] = "rm"
+
+
+class PPORecipe(PPOSections, StageRecipe):
+    """`bitnet-rl ppo` (PPO, GRPO, RLOO, REINFORCE++)."""
+
+    stage: ClassVar[str] = "ppo"
+
+
+STAGE_RECIPES: dict[str, type[StageRecipe]] = {cls.stage: cls for cls in (SFTRecipe, DPORecipe, RMRecipe, PPORecipe)}
+# Sections that only one command reads (a view of the classes): in another command's recipe they are an error.
+STAGE_ONLY_SECTIONS: dict[str, tuple[str, ...]] = {
+    stage: own for stage, cls in STAGE_RECIPES.items() if (own := tuple(n for n in cls.model_fields if n not in CommonSections.model_fields))
+}
+
+
+def section_owner(section: str) -> str | None:
+    """The command that alone reads `section` (`dpo` → dpo, `rollout`/`ppo` → ppo), or None."""
+    return next((stage for stage, sections in STAGE_ONLY_SECTIONS.items() if section in sections), None)
+
+
+def _changed_keys(section: str, value: Any) -> list[str]:
+    """Keys of a section's value that differ from the schema's defaults (all of it when not a mapping)."""
+    if not isinstance(value, dict):
+        return [section]
+    defaults = Recipe.model_fields[section].get_default(call_default_factory=True).model_dump(mode="json")
+    return [k for k, v in value.items() if defaults.get(k, object()) != v]
+
+
+def _foreign_key(section: str, value: Any) -> str:
+    changed = _changed_keys(section, value)
+    return f"{section}.{changed[0]}" if isinstance(value, dict) and changed else section
 
 
 def infer_stage(data: dict[str, Any]) -> str:
@@ -365,33 +456,6 @@ def infer_stage(data: dict[str, Any]) -> str:
         if any(section in data for section in sections):
             return stage
     return "sft"
-
-
-def check_stage_keys(data: dict[str, Any], stage: str, source: str) -> None:
-    """Refuse a key of another command's section (e.g. `dpo.beta` in an sft recipe), naming it.
-
-    A section left at its defaults (as `recipe show` of a full recipe writes it) is harmless and
-    passes; a value that differs would be silently ignored, so it is an error."""
-    defaults = Recipe().model_dump(mode="json")
-    for owner, sections in STAGE_ONLY_SECTIONS.items():
-        for section in sections:
-            if owner == stage or section not in data:
-                continue
-            value = data[section]
-            if isinstance(value, dict):
-                changed = [k for k, v in value.items() if defaults[section].get(k, object()) != v]
-                if not changed:
-                    continue
-                key = f"{section}.{changed[0]}"
-            else:
-                key = section
-            raise UserError(f"{source}: {key} is a `bitnet-rl {owner}` key, but this recipe runs `bitnet-rl {stage}`")
-
-
-def stage_sections(stage: str) -> list[str]:
-    """The recipe sections `bitnet-rl STAGE` reads (every section but other commands' own)."""
-    foreign = {s for owner, sections in STAGE_ONLY_SECTIONS.items() if owner != stage for s in sections}
-    return [name for name in Recipe.model_fields if name not in foreign]
 
 
 def load_recipe(
@@ -403,14 +467,13 @@ def load_recipe(
 ) -> Section:
     """Read a YAML recipe (or start from `base`/defaults when `path` is None), apply overrides, validate.
 
-    With `stage` (sft | dpo | rm | ppo), `base` defaults to that command's `STAGE_DEFAULTS`, and a
-    key of another command's section in the file or the overrides is an error."""
-    if stage is not None and base is None:
-        base = STAGE_DEFAULTS[stage]
+    With `stage` (sft | dpo | rm | ppo) it validates against that command's class
+    (`STAGE_RECIPES`): the command's defaults go under the file, and a key of another command's
+    section in the file or the overrides is an error."""
+    if stage is not None:
+        model_cls = STAGE_RECIPES[stage]
     source = str(path) if path is not None else "recipe"
     own = read_yaml(path) if path is not None else {}
-    if stage is not None:
-        check_stage_keys(apply_overrides(copy.deepcopy(own), list(overrides or [])), stage, source)
     data = _deep_merge(copy.deepcopy(base or {}), own)  # deep copy: overrides edit sections in place, never a caller's defaults
     data = apply_overrides(data, list(overrides or []))
     return validate(model_cls, data, source)
@@ -424,31 +487,3 @@ def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
         else:
             out[key] = value
     return out
-
-
-def reference_markdown(model_cls: type[Section] = Recipe, prefix: str = "") -> str:
-    """A table of every key with its type, default and description (the README's recipe reference)."""
-    rows = [] if prefix else ["| key | default | meaning |", "| --- | --- | --- |"]
-    for name, field in model_cls.model_fields.items():
-        annotation = field.annotation
-        key = f"{prefix}{name}"
-        nested = _section_type(annotation)
-        if nested is not None:
-            rows.extend(reference_markdown(nested, prefix=f"{key}.").splitlines())
-            continue
-        if field.is_required():
-            shown = "required"
-        else:
-            default = field.get_default(call_default_factory=True)
-            shown = "—" if default is None else f"`{default}`"
-        rows.append(f"| `{key}` | {shown} | {field.description or ''} |")
-    return "\n".join(rows)
-
-
-def _section_type(annotation: Any) -> type[Section] | None:
-    if isinstance(annotation, type) and issubclass(annotation, Section):
-        return annotation
-    for arg in getattr(annotation, "__args__", ()) or ():
-        if isinstance(arg, type) and issubclass(arg, Section):
-            return arg
-    return None

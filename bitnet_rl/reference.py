@@ -1,6 +1,6 @@
 """The README's generated reference: each command's own recipe defaults and every command-line option.
 
-`bitnet-rl recipe reference` prints the recipe keys (`recipe.reference_markdown`) and the
+`bitnet-rl recipe reference` prints the recipe keys (`reference_markdown`) and the
 per-command defaults; tests check that the README holds exactly what these functions return.
 """
 
@@ -8,7 +8,35 @@ from __future__ import annotations
 
 from typing import Any
 
-from bitnet_rl.recipe import Recipe
+from bitnet_rl.recipe import Recipe, Section
+
+
+def reference_markdown(model_cls: type[Section] = Recipe, prefix: str = "") -> str:
+    """A table of every key with its type, default and description (the README's recipe reference)."""
+    rows = [] if prefix else ["| key | default | meaning |", "| --- | --- | --- |"]
+    for name, field in model_cls.model_fields.items():
+        annotation = field.annotation
+        key = f"{prefix}{name}"
+        nested = _section_type(annotation)
+        if nested is not None:
+            rows.extend(reference_markdown(nested, prefix=f"{key}.").splitlines())
+            continue
+        if field.is_required():
+            shown = "required"
+        else:
+            default = field.get_default(call_default_factory=True)
+            shown = "—" if default is None else f"`{default}`"
+        rows.append(f"| `{key}` | {shown} | {field.description or ''} |")
+    return "\n".join(rows)
+
+
+def _section_type(annotation: Any) -> type[Section] | None:
+    if isinstance(annotation, type) and issubclass(annotation, Section):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        if isinstance(arg, type) and issubclass(arg, Section):
+            return arg
+    return None
 
 
 def command_recipe_defaults() -> dict[str, dict[str, Any]]:
@@ -77,8 +105,6 @@ def cli_options_markdown() -> str:
 
 
 def generated_blocks() -> dict[str, str]:
-    from bitnet_rl.recipe import reference_markdown
-
     return {"recipe-reference": reference_markdown(), "command-defaults": command_defaults_markdown(), "command-options": cli_options_markdown()}
 
 

@@ -1,7 +1,8 @@
 import pytest
 
 from bitnet_rl.errors import UserError
-from bitnet_rl.recipe import Recipe, load_recipe, reference_markdown
+from bitnet_rl.recipe import Recipe, load_recipe
+from bitnet_rl.reference import reference_markdown
 
 
 def test_defaults_and_overrides(tmp_path):

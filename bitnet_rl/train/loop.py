@@ -1,9 +1,11 @@
-"""The optimizer loop shared by SFT, DPO and reward-model training, on accelerate.
+"""The batch step of SFT, DPO and reward-model training, and the parts every run is made of.
 
-A stage hands in its examples, a collator and a loss function; the loop owns everything
-around them: the λ schedule (set before every optimizer step), AdamW and the LR schedule,
-deterministic data order, gradient accumulation and clipping, ternary health, metrics
-(`metrics.jsonl`, progress bar, accelerate trackers) and atomic, exactly resumable checkpoints.
+A batch-trained stage hands in its examples, a collator and a loss function (`Stage`);
+`BatchSteps` turns them into one optimizer step over `train.grad_accum` micro-batches, in a
+deterministic, resumable data order, and the run object (`train/run.py`, which PPO drives too)
+owns everything around the steps: accelerator, λ per optimizer step, resume, checkpoints,
+metrics, progress, ternary health and evaluation. The building blocks it uses live here:
+`LoopState`, `MetricsLog`, AdamW and the LR schedule, RNG state, weight loading.
 """
 
 from __future__ import annotations
@@ -13,20 +15,15 @@ import math
 import random
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 
 from bitnet_rl.errors import UserError
-from bitnet_rl.lora.apply import apply_lora, finish_lora, has_lora
-from bitnet_rl.models.convert import enable_checkpointing
-from bitnet_rl.models.io import save_checkpoint
-from bitnet_rl.quant.bitlinear import set_lambda
-from bitnet_rl.quant.health import code_snapshot, ternary_health
+from bitnet_rl.lora.apply import apply_lora, has_lora
 from bitnet_rl.quant.schedule import lambda_at
 from bitnet_rl.recipe import Recipe
 from bitnet_rl.train.rundir import begin_run, check_not_finished, check_run, find_checkpoint, load_trainer_file, prune_checkpoints  # noqa: F401 (re-exported)
@@ -154,7 +151,7 @@ def load_weights(model: nn.Module, checkpoint: Path) -> None:
 
 @dataclass
 class Stage:
-    """What one training stage hands to the loop."""
+    """What one batch-trained stage (SFT, DPO, RM) hands to `train`."""
 
     name: str
     model: nn.Module
@@ -167,131 +164,83 @@ class Stage:
     final_files: Callable[[nn.Module], dict[str, Callable[[Path], None]]] | None = None  # more files for OUT/final
 
 
-def train(stage: Stage, recipe: Recipe, resume: str | None = None, overwrite: bool = False) -> Path:
-    """Run `recipe.train.max_steps` optimizer steps; returns the final model directory `OUT/final`.
+class BatchSteps:
+    """The step of SFT, DPO and RM for the run object (`train/run.py`): one optimizer step over
+    `train.grad_accum` micro-batches of `train.batch_size` examples, drawn in a deterministic,
+    resumable order, with the stage's loss function."""
 
-    `resume` continues OUT (`latest` or a checkpoint dir); `overwrite` replaces a previous run in OUT.
-    """
-    out_dir = Path(recipe.out)
-    checkpoint = check_run(out_dir, stage.name, resume, overwrite)
-    accelerator = make_accelerator(recipe, out_dir)
-    model, tcfg = stage.model, recipe.train
-    if tcfg.epochs is not None:
-        per_step = tcfg.batch_size * tcfg.grad_accum * accelerator.num_processes
-        tcfg.max_steps = max(1, math.ceil(tcfg.epochs * len(stage.examples) / per_step))
-    state = LoopState()
-    if recipe.lora.enabled and not has_lora(model):  # LoRA: adapters go in before resume, so their weights load too
-        apply_lora(model, recipe.lora, seed=tcfg.seed)
-    if checkpoint is not None:
-        state = LoopState(**json.loads((checkpoint / "trainer_state" / "state.json").read_text()))
-        check_not_finished(checkpoint, state.step, tcfg.max_steps)
-        load_weights(model, checkpoint)
-    begin_run(out_dir, recipe, stage.name, checkpoint, overwrite)
-    if tcfg.gradient_checkpointing:
-        enable_checkpointing(model)
-    optimizer = build_optimizer(model, recipe)
-    scheduler = build_scheduler(optimizer, recipe, tcfg.max_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    for module in stage.extra_modules.values():
-        module.to(accelerator.device)
-    torch.manual_seed(tcfg.seed)
-    if checkpoint is not None:
-        trainer_dir = checkpoint / "trainer_state"
-        optimizer.load_state_dict(load_trainer_file(trainer_dir / "optimizer.pt", map_location=accelerator.device, weights_only=True))
-        scheduler.load_state_dict(load_trainer_file(trainer_dir / "scheduler.pt", weights_only=True))
-        load_rng(trainer_dir / "rng.pt")
-    (out_dir / "recipe.json").write_text(recipe.model_dump_json(indent=2))
+    baseline_eval = True
+    total_key = "train.max_steps"
 
-    metrics = MetricsLog(out_dir / "metrics.jsonl", keep_until=state.step, accelerator=accelerator)
-    if recipe.logging.report_to:
-        accelerator.init_trackers(stage.name)
-    sampler = EpochSampler(len(stage.examples), tcfg.seed, state)
-    world, rank = accelerator.num_processes, accelerator.process_index
-    unwrapped = accelerator.unwrap_model(model)
-    snapshot = code_snapshot(unwrapped) if recipe.logging.health_every else None
-    warned_collapse: set[str] = set()
-    bar = tqdm(
-        total=tcfg.max_steps,
-        initial=state.step,
-        desc=stage.name,
-        disable=not recipe.logging.progress or not accelerator.is_main_process,
-        dynamic_ncols=True,
-    )
-    if stage.eval_fn is not None and state.step == 0:  # a baseline point for the validation curves
-        set_lambda(unwrapped, current_lambda(recipe, 0))
-        model.eval()
-        baseline = {"step": 0, "lambda": current_lambda(recipe, 0), **stage.eval_fn(unwrapped)}
-        if accelerator.is_main_process:
-            metrics.write(baseline)
-    model.train()
-    while state.step < tcfg.max_steps:
-        lam = current_lambda(recipe, state.step)
-        set_lambda(unwrapped, lam)
+    def __init__(self, stage: Stage, recipe: Recipe) -> None:
+        self.stage, self.recipe = stage, recipe
+        self.command, self.total, self.eval_every = stage.name, recipe.train.max_steps, recipe.train.eval_every
+        self.evaluate = stage.eval_fn
+        self.sampler: EpochSampler | None = None
+
+    def begin(self, run) -> None:
+        self.sampler = EpochSampler(len(self.stage.examples), self.recipe.train.seed, run.state)
+
+    def step(self, run) -> dict[str, Any]:
+        tcfg, acc, stage = self.recipe.train, run.accelerator, self.stage
+        lam = run.set_lambda()
         started = time.perf_counter()
+        world, rank = acc.num_processes, acc.process_index
         step_tokens, stats_sum = 0, {}
         for micro in range(tcfg.grad_accum):
-            indices = sampler.next(tcfg.batch_size * world)[rank::world]
-            batch = {k: v.to(accelerator.device) for k, v in stage.collate([stage.examples[i] for i in indices]).items()}
+            indices = self.sampler.next(tcfg.batch_size * world)[rank::world]
+            batch = {k: v.to(acc.device) for k, v in stage.collate([stage.examples[i] for i in indices]).items()}
             sync = micro == tcfg.grad_accum - 1
-            with accelerator.no_sync(model) if not sync and world > 1 else nullcontext():
-                with accelerator.autocast():
-                    loss, stats, n_tokens = stage.loss_fn(model, batch)
-                accelerator.backward(loss / tcfg.grad_accum)
+            with acc.no_sync(run.model) if not sync and world > 1 else nullcontext():
+                with acc.autocast():
+                    loss, stats, n_tokens = stage.loss_fn(run.model, batch)
+                acc.backward(loss / tcfg.grad_accum)
             step_tokens += n_tokens
             for key, value in {"loss": loss, **stats}.items():
                 stats_sum[key] = stats_sum.get(key, 0.0) + float(torch.as_tensor(value).detach()) / tcfg.grad_accum
-        grad_norm = (
-            accelerator.clip_grad_norm_(model.parameters(), recipe.optimizer.max_grad_norm)
-            if recipe.optimizer.max_grad_norm > 0
-            else _grad_norm(model)
-        )
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        state.step += 1
-        state.tokens += step_tokens * world
+        update = run.optimizer_step()
+        run.state.tokens += step_tokens * world
         elapsed = time.perf_counter() - started
-        record = {"step": state.step, **stats_sum, "lambda": lam, "lr": lr, "grad_norm": float(grad_norm)}
+        record = {**stats_sum, "lambda": lam, "lr": update["lr"], "grad_norm": update["grad_norm"]}
         record["tokens_per_s"] = step_tokens * world / max(elapsed, 1e-9)
-        record["tokens"] = state.tokens
-        if snapshot is not None and state.step % recipe.logging.health_every == 0:
-            report = ternary_health(unwrapped, previous=snapshot)
-            snapshot = report.codes
-            record.update(report.overall())
-            new_collapse = set(report.collapsed) - warned_collapse
-            if new_collapse:
-                warned_collapse |= new_collapse
-                bar.write(f"warning: weight collapse (std < 1e-3) in {len(new_collapse)} BitLinear layers, e.g. {sorted(new_collapse)[0]}")
-                record["collapsed_layers"] = len(report.collapsed)
-        last = state.step == tcfg.max_steps
-        if stage.eval_fn is not None and ((tcfg.eval_every and state.step % tcfg.eval_every == 0) or last):
-            model.eval()
-            record.update(stage.eval_fn(unwrapped))
-            model.train()
-        if state.step % recipe.logging.every == 0 or last:
-            if accelerator.is_main_process:
-                metrics.write(record)
-        bar.set_postfix(loss=f"{record['loss']:.4f}", lam=f"{lam:.2f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
-        bar.update(1)
-        if recipe.checkpoint.every and state.step % recipe.checkpoint.every == 0 and not last:
-            _save_step_checkpoint(accelerator, unwrapped, stage.tokenizer, optimizer, scheduler, state, out_dir, recipe)
-    bar.close()
-    accelerator.wait_for_everyone()
-    final = out_dir / "final"
-    if accelerator.is_main_process:
-        extra = {"trainer_state": _state_writer(optimizer, scheduler, state)}
-        if stage.final_files is not None:
-            model.eval()
-            extra.update(stage.final_files(unwrapped))
-        extra.update(finish_lora(unwrapped, recipe.lora))  # merged ternary model, or base + adapter/
-        save_checkpoint(unwrapped, stage.tokenizer, final, extra=extra)
-    if recipe.logging.report_to:
-        accelerator.end_training()
-    return final
+        record["tokens"] = run.state.tokens
+        return record
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def final_files(self, model: nn.Module) -> dict[str, Callable[[Path], None]]:
+        return self.stage.final_files(model) if self.stage.final_files is not None else {}
+
+    def postfix(self, record: dict[str, Any]) -> dict[str, str]:
+        return {"loss": f"{record['loss']:.4f}", "lam": f"{record['lambda']:.2f}", "lr": f"{record['lr']:.2e}", "tok_s": f"{record['tokens_per_s']:.0f}"}
 
 
-def _grad_norm(model: nn.Module) -> torch.Tensor:
+def train(stage: Stage, recipe: Recipe, resume: str | None = None, overwrite: bool = False) -> Path:
+    """Run `recipe.train.max_steps` optimizer steps of `stage` on the run object; returns `OUT/final`.
+
+    `resume` continues OUT (`latest` or a checkpoint dir); `overwrite` replaces a previous run in OUT.
+    """
+    from bitnet_rl.train.run import Run
+
+    run = Run(recipe, stage.name)
+    tcfg = recipe.train
+    if tcfg.epochs is not None:
+        per_step = tcfg.batch_size * tcfg.grad_accum * run.accelerator.num_processes
+        tcfg.max_steps = max(1, math.ceil(tcfg.epochs * len(stage.examples) / per_step))
+    if recipe.lora.enabled and not has_lora(stage.model):  # LoRA: adapters go in before resume, so their weights load too
+        apply_lora(stage.model, recipe.lora, seed=tcfg.seed)
+    run.add_model(stage.model, stage.tokenizer, total_steps=tcfg.max_steps)
+    for module in stage.extra_modules.values():
+        module.to(run.device)
+    return run.train(BatchSteps(stage, recipe), resume=resume, overwrite=overwrite)
+
+
+def grad_norm(model: nn.Module) -> torch.Tensor:
+    """L2 norm of all gradients of `model` (what clipping would report, without clipping)."""
     norms = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
     return torch.stack(norms).norm() if norms else torch.tensor(0.0)
 
@@ -309,22 +258,3 @@ def load_rng(path: Path) -> None:
     random.setstate(rng["python"])
     if torch.cuda.is_available() and rng.get("cuda") is not None:
         torch.cuda.set_rng_state_all(rng["cuda"])
-
-
-def _state_writer(optimizer, scheduler, state: LoopState) -> Callable[[Path], None]:
-    def write(path: Path) -> None:
-        path.mkdir()
-        torch.save(optimizer.state_dict(), path / "optimizer.pt")
-        torch.save(scheduler.state_dict(), path / "scheduler.pt")
-        save_rng(path / "rng.pt")
-        (path / "state.json").write_text(json.dumps(asdict(state)))
-
-    return write
-
-
-def _save_step_checkpoint(accelerator, model, tokenizer, optimizer, scheduler, state, out_dir: Path, recipe: Recipe) -> None:
-    if not accelerator.is_main_process:
-        return
-    root = out_dir / "checkpoints"
-    save_checkpoint(model, tokenizer, root / f"step-{state.step:07d}", extra={"trainer_state": _state_writer(optimizer, scheduler, state)})
-    prune_checkpoints(root, recipe.checkpoint.keep_last)

@@ -6,34 +6,32 @@ penalties) → `Experience` built on the device from the `RolloutOutput`, keepin
 log-probs → log-probs of the policy (old) and of the frozen 2-bit reference, critic values →
 rollout mismatch metrics and correction weights (`rl/correction.py`) → KL penalty (in the reward,
 or as a loss term) → advantages (`rl/estimators.py`) → epochs of clipped policy and value
-updates over minibatches. λ follows the recipe's schedule per optimizer step; ternary health
-every `logging.health_every` steps; greedy held-out evaluation every `ppo.eval_every`
-iterations. Everything needed to continue exactly is checkpointed: policy, critic, both
-optimizers, KL controller, RNG, prompt order and step.
+updates over minibatches.
+
+PPO is a stage of the run object (`train/run.py`), like SFT: one stage step is one iteration,
+and the run owns λ (per optimizer step, on policy and critic), ternary health every
+`logging.health_every` optimizer steps, greedy held-out evaluation every `ppo.eval_every`
+iterations, metrics, progress and checkpoints. Everything needed to continue exactly is
+checkpointed: policy, critic, both optimizers, RNG, prompt order and step (the run), and the
+KL controller (this stage's own state).
 """
 
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 
 from bitnet_rl.data.prompts import encode_prompt, load_prompts, rollout_prompt_ids
 from bitnet_rl.errors import UserError
-from bitnet_rl.lora.apply import finish_lora
 from bitnet_rl.lora.critic import adapter_critic
 from bitnet_rl.lora.rl import lora_generator, policy_reference
 from bitnet_rl.models.build import build_policy, resolve_dtype, resolve_model_dir
-from bitnet_rl.models.convert import enable_checkpointing
-from bitnet_rl.models.io import prompt_format_of, save_checkpoint
+from bitnet_rl.models.io import prompt_format_of
 from bitnet_rl.models.value import load_scalar_model
-from bitnet_rl.quant.bitlinear import set_lambda
-from bitnet_rl.quant.health import code_snapshot, ternary_health
 from bitnet_rl.recipe import STAGE_DEFAULTS, PPOConfig, Recipe
 from bitnet_rl.rewards import RewardError, RewardSource, load_rewards
 from bitnet_rl.rl import advantages as adv
@@ -53,22 +51,11 @@ from bitnet_rl.train.experience import (
     experience_from_rollout,
     policy_forward,
 )
-from bitnet_rl.train.loop import (
-    EpochSampler,
-    LoopState,
-    MetricsLog,
-    build_optimizer,
-    build_scheduler,
-    current_lambda,
-    load_rng,
-    load_weights,
-    make_accelerator,
-    prune_checkpoints,
-    save_rng,
-)
+from bitnet_rl.train.loop import EpochSampler, current_lambda
 from bitnet_rl.train.ppo_eval import heldout_prompts, make_evaluator
 from bitnet_rl.train.ppo_sampling import sample_groups, sample_round
-from bitnet_rl.train.rundir import begin_run, check_not_finished, check_run
+from bitnet_rl.train.run import Run
+from bitnet_rl.train.rundir import check_run
 
 PPO_DEFAULTS = STAGE_DEFAULTS["ppo"]  # `bitnet-rl ppo` without a recipe (recipe.STAGE_DEFAULTS)
 
@@ -109,36 +96,36 @@ def check_config(cfg: PPOConfig, recipe: Recipe) -> None:
 
 
 class PPOTrainer:
-    """Holds the policy, critic, reference, generator, reward and their optimizers."""
+    """The PPO/GRPO stage: policy, critic, reference, generator and reward, driven by the run object.
+
+    One stage step is one iteration (rollout → experience → `ppo.epochs` passes of minibatch
+    updates, each an optimizer step of the run); `total` is `ppo.iterations`."""
+
+    total_key = "ppo.iterations"
+    baseline_eval = False
 
     def __init__(self, recipe: Recipe, reward: RewardSource | None = None, device: str | None = None) -> None:
         cfg = recipe.ppo
         check_config(cfg, recipe)
         self.recipe, self.cfg = recipe, cfg
+        self.command, self.total, self.eval_every = "ppo", cfg.iterations, cfg.eval_every
         self.out = Path(recipe.out)
-        self.accelerator = make_accelerator(recipe, self.out)
+        self.run = Run(recipe, "ppo")
+        self.accelerator = self.run.accelerator
         device = device or self.accelerator.device
-        self.policy, self.tokenizer = build_policy(recipe.model, recipe.quant, lam=current_lambda(recipe, 0), device=device, seed=recipe.train.seed)
-        self.reference = policy_reference(self.policy, recipe)  # with LoRA: the base with adapters off (no second copy)
+        policy, self.tokenizer = build_policy(recipe.model, recipe.quant, lam=current_lambda(recipe, 0), device=device, seed=recipe.train.seed)
+        self.reference = policy_reference(policy, recipe)  # with LoRA: the base with adapters off (no second copy)
         self.reward = reward or load_rewards([(r.weight, r.source) for r in cfg.rewards], device=device)
-        self.critic = self._build_critic(device) if ADVANTAGE_ESTIMATORS[cfg.advantage].needs_critic else None
+        critic = self._build_critic(policy, device) if ADVANTAGE_ESTIMATORS[cfg.advantage].needs_critic else None
         self.prompts = load_prompts(cfg.prompts or "demo", cfg.num_prompts, seed=recipe.train.seed)
-        self.prompt_ids = rollout_prompt_ids(self.tokenizer, self.policy, self.prompts, recipe.data.chat_template, recipe.rollout.max_new_tokens, cfg.prompts or "demo")
-        self.chat = prompt_format_of(self.policy) == "chat"  # as rollout_prompt_ids resolved and recorded it
+        self.prompt_ids = rollout_prompt_ids(self.tokenizer, policy, self.prompts, recipe.data.chat_template, recipe.rollout.max_new_tokens, cfg.prompts or "demo")
+        self.chat = prompt_format_of(policy) == "chat"  # as rollout_prompt_ids resolved and recorded it
         self.eval_prompts = heldout_prompts(recipe, self.prompts)
-        if recipe.train.gradient_checkpointing:
-            enable_checkpointing(self.policy)
-            if self.critic is not None:
-                enable_checkpointing(self.critic)
-        self.optimizer = build_optimizer(self.policy, recipe)
-        self.scheduler = build_scheduler(self.optimizer, recipe, total_steps=self.total_optimizer_steps())
-        self.policy, self.optimizer = self.accelerator.prepare(self.policy, self.optimizer)
-        if self.critic is not None:
-            self.critic_optimizer = build_optimizer(self.critic, recipe, lr=cfg.critic_lr or recipe.optimizer.lr)
-            self.critic, self.critic_optimizer = self.accelerator.prepare(self.critic, self.critic_optimizer)
+        self.policy = self.run.add_model(policy, self.tokenizer, total_steps=self.total_optimizer_steps())
+        self.critic = self.run.add_model(critic, name="critic", lr=cfg.critic_lr or recipe.optimizer.lr) if critic is not None else None
         self.reference.to(self.accelerator.device)
         self.kl_ctl = kl_controller(cfg)
-        self.state = LoopState()
+        self.sampler: EpochSampler | None = None
         max_prompt = max(len(p) for p in self.prompt_ids + [encode_prompt(self.tokenizer, p, self.chat) for p in self.eval_prompts])
         self.generator = lora_generator(lambda: make_generator(  # with LoRA, syncs re-pack Q(W + s·B·A)
             self.unwrapped,
@@ -147,7 +134,11 @@ class PPOTrainer:
             max_seq_len=max_prompt + recipe.rollout.max_new_tokens,
         ), self.unwrapped)
         self.evaluate = make_evaluator(recipe, self.tokenizer, self.reward, self.generator, self.eval_prompts, self.chat)
-        self.codes = code_snapshot(self.unwrapped) if recipe.logging.health_every else None
+
+    @property
+    def state(self):
+        """The run's position (`LoopState`: optimizer steps, prompt order)."""
+        return self.run.state
 
     def total_optimizer_steps(self) -> int:
         cfg = self.cfg
@@ -158,10 +149,10 @@ class PPOTrainer:
     def unwrapped(self) -> nn.Module:
         return self.accelerator.unwrap_model(self.policy)
 
-    def _build_critic(self, device) -> nn.Module:
+    def _build_critic(self, policy: nn.Module, device) -> nn.Module:
         recipe, cfg = self.recipe, self.cfg
         if recipe.lora.enabled and recipe.lora.critic == "adapter":  # a second adapter on the policy's weights
-            return adapter_critic(self.policy, recipe.lora, seed=recipe.train.seed)
+            return adapter_critic(policy, recipe.lora, seed=recipe.train.seed)
         dtype = resolve_dtype(recipe.model.dtype, device)
         if cfg.critic == "reward_model":
             dirs = [r.source for r in cfg.rewards if Path(r.source).is_dir()]
@@ -237,17 +228,13 @@ class PPOTrainer:
         for _ in range(cfg.epochs):
             order = torch.randperm(len(exp), generator=generator)
             for start in range(0, len(exp), cfg.minibatch_size):
-                lam = current_lambda(recipe, self.state.step)
-                set_lambda(self.unwrapped, lam)
-                if self.critic is not None:
-                    set_lambda(self.accelerator.unwrap_model(self.critic), lam)
+                lam = self.run.set_lambda()  # λ per optimizer step, on the policy and the critic
                 batch_rows = order[start : start + cfg.minibatch_size]
                 stats = self._minibatch_step(exp, batch_rows)
                 stats["lambda"] = lam
                 for key, value in stats.items():
                     totals[key] = totals.get(key, 0.0) + value
                 count += 1
-                self.state.step += 1
         return {key: value / max(count, 1) for key, value in totals.items()}
 
     def _minibatch_step(self, exp: Experience, rows: torch.Tensor) -> dict[str, float]:
@@ -279,117 +266,46 @@ class PPOTrainer:
                     vloss, vstats = value_loss(values, part.values, part.returns, part.mask, cfg.value_clip_eps)
                 self.accelerator.backward(vloss * weight)
                 _add(stats, {"loss/value": float(vloss.detach()), "value_clip_frac": float(vstats["clip_frac"])}, weight)
-        max_norm = self.recipe.optimizer.max_grad_norm
-        if max_norm > 0:
-            stats["grad_norm"] = float(self.accelerator.clip_grad_norm_(self.policy.parameters(), max_norm))
-        stats["lr"] = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.critic is not None:
-            if max_norm > 0:
-                self.accelerator.clip_grad_norm_(self.critic.parameters(), max_norm)
-            self.critic_optimizer.step()
-            self.critic_optimizer.zero_grad(set_to_none=True)
+        stats.update(self.run.optimizer_step())  # policy and critic: clip, step, LR schedule; grad_norm, lr
         return stats
 
-    # ---- loop, checkpoints ---------------------------------------------------------------
-    def train(self, resume: str | None = None, evaluate=None, overwrite: bool = False) -> Path:
-        cfg, recipe, acc = self.cfg, self.recipe, self.accelerator
-        iteration = 0
-        checkpoint = check_run(self.out, "ppo", resume, overwrite)
-        if checkpoint is not None:
-            iteration = self._load(checkpoint)
-            check_not_finished(checkpoint, iteration, cfg.iterations, key="ppo.iterations")
-        begin_run(self.out, recipe, "ppo", checkpoint, overwrite)
-        metrics = MetricsLog(self.out / "metrics.jsonl", keep_until=iteration, accelerator=acc)
-        (self.out / "recipe.json").write_text(recipe.model_dump_json(indent=2))
-        if recipe.logging.report_to:
-            acc.init_trackers("ppo")
-        sampler = EpochSampler(len(self.prompts), recipe.train.seed, self.state)
-        bar = tqdm(total=cfg.iterations, initial=iteration, desc="ppo", disable=not recipe.logging.progress or not acc.is_main_process, dynamic_ncols=True)
-        evaluate = evaluate or self.evaluate
-        while iteration < cfg.iterations:
-            try:
-                exp, stats, completions = self.rollout(sampler, iteration)
-            except RewardError:
-                self.save(self.out / "checkpoints" / f"iter-{iteration:06d}-before-reward-error", iteration)
-                raise
-            t0 = time.perf_counter()
-            steps_before = self.state.step
-            update_stats = self.update(exp)
-            iteration += 1
-            stats.update(self._health(steps_before))
-            self.kl_ctl.update(stats["kl"], len(exp))
-            record = {"step": iteration, "optimizer_step": self.state.step, **stats, **update_stats, "time/train": time.perf_counter() - t0}
-            if self.critic is not None:
-                record["explained_variance"] = float(explained_variance(exp.values, exp.returns, exp.mask))
-            record["sample"] = completions[0]
-            last = iteration == cfg.iterations
-            if evaluate is not None and ((cfg.eval_every and iteration % cfg.eval_every == 0) or last):
-                self.policy.eval()
-                record.update(evaluate(self.unwrapped))
-            if acc.is_main_process and (iteration % recipe.logging.every == 0 or last):
-                metrics.write(record)
-            bar.set_postfix(reward=f"{stats['reward']:.3f}", kl=f"{stats['kl']:.3f}", len=f"{stats['response_length']:.1f}")
-            bar.update(1)
-            if recipe.checkpoint.every and iteration % recipe.checkpoint.every == 0 and not last:
-                self.save(self.out / "checkpoints" / f"step-{iteration:07d}", iteration)
-                if acc.is_main_process:
-                    prune_checkpoints(self.out / "checkpoints", recipe.checkpoint.keep_last)
-        bar.close()
-        final = self.save(self.out / "final", iteration)
-        if recipe.logging.report_to:
-            acc.end_training()
-        return final
+    # ---- the stage's side of the run object ------------------------------------------------
+    def begin(self, run: Run) -> None:
+        self.sampler = EpochSampler(len(self.prompts), self.recipe.train.seed, run.state)
 
-    def _health(self, steps_before: int) -> dict[str, float]:
-        """Ternary health (code fractions, flip rate since the last report) when the optimizer
-        step crossed a multiple of `logging.health_every` during this iteration's update."""
-        every = self.recipe.logging.health_every
-        if not every or steps_before // every == self.state.step // every:
-            return {}
-        report = ternary_health(self.unwrapped, previous=self.codes)
-        self.codes = report.codes
-        return report.overall()  # the same keys as SFT/DPO/RM (flip_rate, code fractions), so one set of curves reads every run
-
-    def save(self, path: Path, iteration: int) -> Path:
-        if not self.accelerator.is_main_process:
-            return path
-
-        def write_state(trainer_dir: Path) -> None:
-            trainer_dir.mkdir()
-            torch.save(self.optimizer.state_dict(), trainer_dir / "optimizer.pt")
-            torch.save(self.scheduler.state_dict(), trainer_dir / "scheduler.pt")
-            if self.critic is not None:
-                torch.save(self.critic_optimizer.state_dict(), trainer_dir / "critic_optimizer.pt")
-                save_checkpoint(self.accelerator.unwrap_model(self.critic), None, trainer_dir / "critic", kind="critic")
-            save_rng(trainer_dir / "rng.pt")
-            state = {**asdict(self.state), "extra": {"iteration": iteration, "kl_ctl": self.kl_ctl.state_dict()}}
-            (trainer_dir / "state.json").write_text(json.dumps(state))
-
-        extra = {"trainer_state": write_state}
-        if path.name == "final":  # with LoRA: the merged (ternary) model, or base + adapter/
-            extra.update(finish_lora(self.unwrapped, self.recipe.lora))
-        return save_checkpoint(self.unwrapped, self.tokenizer, path, extra=extra)
-
-    def _load(self, checkpoint: Path) -> int:
-        trainer_dir = checkpoint / "trainer_state"
-        load_weights(self.unwrapped, checkpoint)
-        device = self.accelerator.device
-        self.optimizer.load_state_dict(torch.load(trainer_dir / "optimizer.pt", map_location=device, weights_only=True))
-        self.scheduler.load_state_dict(torch.load(trainer_dir / "scheduler.pt", weights_only=True))
+    def step(self, run: Run) -> dict[str, Any]:
+        """One iteration: rollout and experience, then the updates; returns its metrics record."""
+        try:
+            exp, stats, completions = self.rollout(self.sampler, run.iteration)
+        except RewardError:
+            run.save(self.out / "checkpoints" / f"iter-{run.iteration:06d}-before-reward-error")
+            raise
+        t0 = time.perf_counter()
+        update_stats = self.update(exp)
+        self.kl_ctl.update(stats["kl"], len(exp))
+        record = {"optimizer_step": run.state.step, **stats, **update_stats, "time/train": time.perf_counter() - t0}
         if self.critic is not None:
-            load_weights(self.accelerator.unwrap_model(self.critic), trainer_dir / "critic")
-            self.critic_optimizer.load_state_dict(torch.load(trainer_dir / "critic_optimizer.pt", map_location=device, weights_only=True))
-        load_rng(trainer_dir / "rng.pt")
-        saved = json.loads((trainer_dir / "state.json").read_text())
-        extra = saved.pop("extra")
-        self.state = LoopState(**saved)
-        self.kl_ctl.load_state_dict(extra["kl_ctl"])
-        if self.codes is not None:
-            self.codes = code_snapshot(self.unwrapped)
-        return int(extra["iteration"])
+            record["explained_variance"] = float(explained_variance(exp.values, exp.returns, exp.mask))
+        record["sample"] = completions[0]
+        return record
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kl_ctl": self.kl_ctl.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.kl_ctl.load_state_dict(state["kl_ctl"])
+
+    def final_files(self, model: nn.Module) -> dict:
+        return {}
+
+    def postfix(self, record: dict[str, Any]) -> dict[str, str]:
+        return {"reward": f"{record['reward']:.3f}", "kl": f"{record['kl']:.3f}", "len": f"{record['response_length']:.1f}"}
+
+    def train(self, resume: str | None = None, evaluate=None, overwrite: bool = False) -> Path:
+        """Run `ppo.iterations` iterations on the run object (`evaluate` replaces the held-out evaluation)."""
+        if evaluate is not None:
+            self.evaluate = evaluate
+        return self.run.train(self, resume=resume, overwrite=overwrite)
 
 
 def _add(totals: dict[str, float], values: dict[str, float], weight: float) -> None:

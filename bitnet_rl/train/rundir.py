@@ -122,8 +122,13 @@ def check_run(out: str | Path, command: str, resume: str | None, overwrite: bool
 
 
 def recipe_hash(recipe: Any) -> str:
-    """sha256 of the resolved recipe without `out` (the same recipe in another directory hashes the same)."""
-    data = json.loads(recipe.model_dump_json())
+    """sha256 of the resolved recipe without `out` (the same recipe in another directory hashes the same).
+
+    Hashed as the whole `Recipe` (a command's own class leaves the other commands' sections at their
+    defaults), so a run started before the per-command classes resumes without a mismatch warning."""
+    from bitnet_rl.recipe import Recipe
+
+    data = json.loads(Recipe.model_validate(recipe.model_dump()).model_dump_json())
     data.pop("out", None)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 

@@ -149,3 +149,34 @@ def test_packed_rollouts_during_lambda_warmup_need_a_correction(sft_dir, tmp_pat
     # λ = 0 policy vs ternary generator: a real mismatch, measured and corrected
     assert row["mismatch/abs_logp_diff"] > 1e-3 and row["lambda"] < 1.0
     assert row["correction/mean_weight"] <= 2.0 and (final / "config.json").is_file()
+
+
+def test_ppo_on_the_run_object_lambda_per_optimizer_step_health_eval_and_exact_resume_in_warmup(sft_dir, tmp_path):
+    """Two optimizer steps per iteration during a λ warm-up: each iteration logs the mean λ of its
+    own optimizer steps, health and evaluation come at the right iterations, and a resume in the
+    middle of the warm-up continues bit-exactly (the rollout samples at the λ of its first update,
+    also right after a resume)."""
+    from safetensors.torch import load_file
+
+    def recipe(out, every=0):
+        r = ppo_recipe(out, sft_dir, iterations=4, prompts_per_iteration=8, minibatch_size=4, micro_batch_size=4, eval_every=3, eval_prompts=8)
+        r.quant.schedule.kind, r.quant.schedule.warmup_steps = "linear", 6
+        r.logging.health_every, r.checkpoint.every = 3, every
+        return r
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    run_ppo(recipe(a))
+    rows_a = [json.loads(line) for line in (a / "metrics.jsonl").read_text().splitlines()]
+    assert [r["optimizer_step"] for r in rows_a] == [2, 4, 6, 8]
+    lam = [min(s / 6, 1.0) for s in range(8)]  # λ(s) of optimizer step s
+    assert [r["lambda"] for r in rows_a] == pytest.approx([(lam[2 * k] + lam[2 * k + 1]) / 2 for k in range(4)])
+    assert ["flip_rate" in r for r in rows_a] == [False, True, True, False]  # optimizer steps 0→2, 2→4 (3), 4→6 (6), 6→8
+    assert ["eval/reward" in r for r in rows_a] == [False, False, True, True]  # every 3 iterations and at the end
+    run_ppo(recipe(b, every=2))
+    run_ppo(recipe(b, every=2), resume=str(b / "checkpoints" / "step-0000002"))
+    rows_b = [json.loads(line) for line in (b / "metrics.jsonl").read_text().splitlines()]
+    timing = ("time/", "rollout_tokens_per_s")
+    for ra, rb in zip(rows_a, rows_b, strict=True):
+        assert {k: v for k, v in rb.items() if not k.startswith(timing)} == {k: v for k, v in ra.items() if not k.startswith(timing)}
+    wa, wb = load_file(str(a / "final" / "model.safetensors")), load_file(str(b / "final" / "model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
