@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from bitnet_rl.errors import UserError
 from bitnet_rl.lora.apply import apply_lora, finish_lora, has_lora
 from bitnet_rl.models.convert import enable_checkpointing
+from bitnet_rl.models.forward import compile_decoder_layers
 from bitnet_rl.models.io import save_checkpoint
 from bitnet_rl.quant.bitlinear import set_lambda
 from bitnet_rl.quant.health import code_snapshot, ternary_health
@@ -189,6 +190,8 @@ def train(stage: Stage, recipe: Recipe, resume: str | None = None, overwrite: bo
     begin_run(out_dir, recipe, stage.name, checkpoint, overwrite)
     if tcfg.gradient_checkpointing:
         enable_checkpointing(model)
+    if tcfg.compile:  # regional torch.compile of the decoder layers (issue 13)
+        compile_decoder_layers(model)
     optimizer = build_optimizer(model, recipe)
     scheduler = build_scheduler(optimizer, recipe, tcfg.max_steps)
     model, optimizer = accelerator.prepare(model, optimizer)

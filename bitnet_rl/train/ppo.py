@@ -30,6 +30,7 @@ from bitnet_rl.lora.critic import adapter_critic
 from bitnet_rl.lora.rl import lora_generator, policy_reference
 from bitnet_rl.models.build import build_policy, resolve_dtype, resolve_model_dir
 from bitnet_rl.models.convert import enable_checkpointing
+from bitnet_rl.models.forward import compile_decoder_layers
 from bitnet_rl.models.io import prompt_format_of, save_checkpoint
 from bitnet_rl.models.value import load_scalar_model
 from bitnet_rl.quant.bitlinear import set_lambda
@@ -130,6 +131,10 @@ class PPOTrainer:
             enable_checkpointing(self.policy)
             if self.critic is not None:
                 enable_checkpointing(self.critic)
+        if recipe.train.compile:  # regional torch.compile of the decoder layers (issue 13)
+            for model in (self.policy, self.critic):
+                if model is not None:
+                    compile_decoder_layers(model)
         self.optimizer = build_optimizer(self.policy, recipe)
         self.scheduler = build_scheduler(self.optimizer, recipe, total_steps=self.total_optimizer_steps())
         self.policy, self.optimizer = self.accelerator.prepare(self.policy, self.optimizer)
