@@ -51,6 +51,7 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--advantage", default="gae", choices=["gae", "grpo"])
     parser.add_argument("--samples", type=int, default=1, help="samples per prompt (GRPO needs >= 2)")
     parser.add_argument("--no-checkpointing", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="train.compile: torch.compile of the decoder layers")
     return parser.parse_args(argv)
 
 
@@ -96,7 +97,7 @@ def run(args: argparse.Namespace) -> dict:
                 "minibatch_size": args.minibatch,
                 "micro_batch_size": args.micro,
             },
-            "train": {"gradient_checkpointing": not args.no_checkpointing},
+            "train": {"gradient_checkpointing": not args.no_checkpointing, "compile": args.compile},
             "optimizer": {"lr": 1e-6},
             "logging": {"progress": False, "health_every": 0},
         },
@@ -121,7 +122,7 @@ def run(args: argparse.Namespace) -> dict:
     record = rows[-1]
     print(f"\n{device_name()}: 2B4T shape, {args.layers} layers; {args.prompts} prompts x {args.prompt_len} tokens, {args.new_tokens} new tokens, "
           f"{args.advantage} x {args.samples} samples, "
-          f"PPO epochs 1, minibatch {args.minibatch} (micro {args.micro}), gradient checkpointing {not args.no_checkpointing}, AdamW on bf16 params")
+          f"PPO epochs 1, minibatch {args.minibatch} (micro {args.micro}), gradient checkpointing {not args.no_checkpointing}, compile {args.compile}, AdamW on bf16 params")
     mem_rows = [[name, size / 2**30] for name, size in parts.items()]
     mem_rows.append(["all models + generator after setup", loaded])
     mem_rows.append(["peak during the iteration (incl. optimizer states, KV cache, activations)", peak])
