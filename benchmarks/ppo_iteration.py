@@ -79,6 +79,7 @@ def run(args: argparse.Namespace) -> dict:
         for _ in range(args.prompts):
             handle.write(json.dumps({"prompt": " ".join(f"w{rng.randrange(3, 128256)}" for _ in range(args.prompt_len - 1))}) + "\n")
     setup_s = time.perf_counter() - t0
+    print(f"setup (build + save policy and reward model) {setup_s:.0f} s", flush=True)
 
     recipe = validate(
         Recipe,
@@ -115,6 +116,8 @@ def run(args: argparse.Namespace) -> dict:
         "reference (2-bit ternary)": sum(t.numel() * t.element_size() for t in list(trainer.reference.parameters()) + list(trainer.reference.buffers())),
         "reward model (2-bit ternary)": sum(t.numel() * t.element_size() for t in list(trainer.reward.model.parameters()) + list(trainer.reward.model.buffers())),
     }
+    print(f"trainer built {time.perf_counter() - t0 - setup_s:.0f} s after setup", flush=True)
+    _report_phases(trainer)
     if args.skip_final_save:
         trainer.save = lambda path, iteration: path  # benchmark only: the final checkpoint is outside the timed phases
     t0 = time.perf_counter()
@@ -142,6 +145,25 @@ def run(args: argparse.Namespace) -> dict:
     del trainer
     shutil.rmtree(work, ignore_errors=True)  # ~30 GB of checkpoints
     return {**record, "iteration_s": sum(record[k] for k in phases), "peak_gib": peak}
+
+
+def _report_phases(trainer) -> None:
+    """Print each iteration's phase times as they finish (so a run cut short still says where time went)."""
+    rollout, update = trainer.rollout, trainer.update
+
+    def timed_rollout(*a, **k):
+        exp, stats, completions = rollout(*a, **k)
+        print({key: round(value, 3) for key, value in stats.items() if key.startswith("time/")}, flush=True)
+        return exp, stats, completions
+
+    def timed_update(*a, **k):
+        t0 = time.perf_counter()
+        out = update(*a, **k)
+        torch.cuda.synchronize()
+        print(f"time/train {time.perf_counter() - t0:.3f}", flush=True)
+        return out
+
+    trainer.rollout, trainer.update = timed_rollout, timed_update
 
 
 def main() -> None:
