@@ -42,6 +42,8 @@ class LearnedReward:
             prompt_ids, completion_ids = encode_prompt_completion(self.tokenizer, prompt, completion, chat=self.chat)
             rows.append(prompt_ids + completion_ids)
         fast = packed_prefill(self.model)  # CUDA: the generator's packed prefill path, all rows at once
+        if fast is not None and max((len(r) for r in rows), default=0) > fast.max_positions:
+            fast = None
         step = max(len(rows), 1) if fast is not None else self.batch_size
         out = []
         for start in range(0, len(rows), step):

@@ -60,10 +60,15 @@ class PackedPrefill:
         tuner = Tuner(autotune=autotune and device.type == "cuda")
         return cls(packed, tuner, prefill_tokens=prefill_tokens, score=score)
 
+    @property
+    def max_positions(self) -> int:
+        """The longest sequence it runs (RoPE tables of `max_position_embeddings`)."""
+        return self.model.cos.shape[0]
+
     def _ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         ids = input_ids.to(self.model.device)
-        if ids.shape[1] > self.model.cos.shape[0]:
-            raise UserError(f"packed prefill: sequences of {ids.shape[1]} tokens exceed the model's {self.model.cos.shape[0]} positions")
+        if ids.shape[1] > self.max_positions:
+            raise UserError(f"packed prefill: sequences of {ids.shape[1]} tokens exceed the model's {self.max_positions} positions")
         return ids
 
     @torch.inference_mode()

@@ -133,7 +133,7 @@ def policy_forward(model: nn.Module, exp: Experience, with_entropy: bool = False
     """
     width = exp.mask.shape[1]
     fast = None if with_entropy or torch.is_grad_enabled() else packed_prefill(model)
-    if fast is not None:
+    if fast is not None and exp.input_ids.shape[1] <= fast.max_positions:
         return completion_columns(fast.token_logprobs(exp.input_ids), exp.prompt_lens, width), None
     if hasattr(model, "base_model") and model.get_output_embeddings() is not None:  # no (B, T, V) logits (issue 13)
         logprobs, entropy = causal_lm_logprobs(model, exp.input_ids, exp.attention_mask, with_entropy=with_entropy)

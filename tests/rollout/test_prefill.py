@@ -144,3 +144,31 @@ def test_packed_prefill_kernels_match_reference_on_gpu():
         rel_score = float((scores - ref_scores).norm() / ref_scores.norm())
         assert rel_lp <= tol_lp and rel_score <= tol_score, (dtype, rel_lp, rel_score)
         assert fast_lm.tuner.kernels.configs  # tiles tuned on first use
+
+
+def test_sequences_past_the_position_tables_are_refused_and_hooks_fall_back(monkeypatch):
+    """Longer than `max_position_embeddings`: `PackedPrefill` refuses in one line; the PPO hook runs the model's own forward."""
+    from bitnet_rl.errors import UserError
+    from bitnet_rl.train import experience
+
+    frozen = frozen_ternary_copy(causal())
+    fast = packed_prefill(frozen, force=True)
+    too_long = torch.randint(3, 96, (1, fast.max_positions + 6))
+    with pytest.raises(UserError, match="positions"):
+        fast.token_logprobs(too_long)
+    calls = []
+    spy = lambda ids: calls.append(ids.shape[1]) or fast.token_logprobs(ids)  # noqa: E731
+    monkeypatch.setattr(experience, "packed_prefill", lambda model: type("Spy", (), {"max_positions": fast.max_positions, "token_logprobs": staticmethod(spy)})())
+    for length in (40, fast.max_positions + 6):  # the packed path, then the fallback
+        ids = too_long[:, :length]
+        zeros = torch.zeros(1, 10)
+        exp = experience.Experience(
+            ids, torch.ones_like(ids), torch.tensor([length - 10]), torch.ones(1, 10), zeros, zeros, zeros, zeros,
+            scores=torch.zeros(1), advantages=zeros, returns=zeros, is_weights=torch.ones(1, 10), loss_mask=torch.ones(1, 10),
+        )
+        with torch.no_grad():
+            hooked = experience.policy_forward(frozen, exp)[0]
+            expected = experience.completion_columns(token_logprobs(frozen, ids, torch.ones_like(ids)), exp.prompt_lens, 10)
+        # float32 on both paths; a last-bit difference can flip one int8 activation (seen: 1.1e-3 on one token)
+        torch.testing.assert_close(hooked, expected, rtol=1e-4, atol=5e-3, msg=f"length {length}")
+    assert calls == [40]
