@@ -51,6 +51,8 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--advantage", default="gae", choices=["gae", "grpo"])
     parser.add_argument("--samples", type=int, default=1, help="samples per prompt (GRPO needs >= 2)")
     parser.add_argument("--no-checkpointing", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="train.compile: torch.compile of the decoder layers")
+    parser.add_argument("--skip-final-save", action="store_true", help="do not write the final checkpoint (~30 GB; not part of an iteration)")
     return parser.parse_args(argv)
 
 
@@ -77,6 +79,7 @@ def run(args: argparse.Namespace) -> dict:
         for _ in range(args.prompts):
             handle.write(json.dumps({"prompt": " ".join(f"w{rng.randrange(3, 128256)}" for _ in range(args.prompt_len - 1))}) + "\n")
     setup_s = time.perf_counter() - t0
+    print(f"setup (build + save policy and reward model) {setup_s:.0f} s", flush=True)
 
     recipe = validate(
         Recipe,
@@ -96,7 +99,7 @@ def run(args: argparse.Namespace) -> dict:
                 "minibatch_size": args.minibatch,
                 "micro_batch_size": args.micro,
             },
-            "train": {"gradient_checkpointing": not args.no_checkpointing},
+            "train": {"gradient_checkpointing": not args.no_checkpointing, "compile": args.compile},
             "optimizer": {"lr": 1e-6},
             "logging": {"progress": False, "health_every": 0},
         },
@@ -113,6 +116,10 @@ def run(args: argparse.Namespace) -> dict:
         "reference (2-bit ternary)": sum(t.numel() * t.element_size() for t in list(trainer.reference.parameters()) + list(trainer.reference.buffers())),
         "reward model (2-bit ternary)": sum(t.numel() * t.element_size() for t in list(trainer.reward.model.parameters()) + list(trainer.reward.model.buffers())),
     }
+    print(f"trainer built {time.perf_counter() - t0 - setup_s:.0f} s after setup", flush=True)
+    _report_phases(trainer)
+    if args.skip_final_save:
+        trainer.save = lambda path, iteration: path  # benchmark only: the final checkpoint is outside the timed phases
     t0 = time.perf_counter()
     trainer.train()
     iteration_s = time.perf_counter() - t0
@@ -121,7 +128,7 @@ def run(args: argparse.Namespace) -> dict:
     record = rows[-1]
     print(f"\n{device_name()}: 2B4T shape, {args.layers} layers; {args.prompts} prompts x {args.prompt_len} tokens, {args.new_tokens} new tokens, "
           f"{args.advantage} x {args.samples} samples, "
-          f"PPO epochs 1, minibatch {args.minibatch} (micro {args.micro}), gradient checkpointing {not args.no_checkpointing}, AdamW on bf16 params")
+          f"PPO epochs 1, minibatch {args.minibatch} (micro {args.micro}), gradient checkpointing {not args.no_checkpointing}, compile {args.compile}, AdamW on bf16 params")
     mem_rows = [[name, size / 2**30] for name, size in parts.items()]
     mem_rows.append(["all models + generator after setup", loaded])
     mem_rows.append(["peak during the iteration (incl. optimizer states, KV cache, activations)", peak])
@@ -133,11 +140,30 @@ def run(args: argparse.Namespace) -> dict:
     split.append(["iteration (sum of phases)", sum(first[k] for k in phases), sum(record[k] for k in phases)])
     split.append(["rollout tokens/s", first["rollout_tokens_per_s"], record["rollout_tokens_per_s"]])
     print(table(["phase", "iteration 1 s (incl. kernel tuning + graph capture)", "iteration 2 s"], split))
-    print(f"two iterations + final checkpoint (policy, critic, optimizers) {iteration_s:.0f} s")
+    print(f"two iterations{'' if args.skip_final_save else ' + final checkpoint (policy, critic, optimizers)'} {iteration_s:.0f} s")
     print(f"setup (build + save + load dirs) {setup_s:.0f} s; fits one 80 GB GPU: {'yes' if peak < 79 else 'no'} (peak {peak:.1f} GiB)")
     del trainer
     shutil.rmtree(work, ignore_errors=True)  # ~30 GB of checkpoints
     return {**record, "iteration_s": sum(record[k] for k in phases), "peak_gib": peak}
+
+
+def _report_phases(trainer) -> None:
+    """Print each iteration's phase times as they finish (so a run cut short still says where time went)."""
+    rollout, update = trainer.rollout, trainer.update
+
+    def timed_rollout(*a, **k):
+        exp, stats, completions = rollout(*a, **k)
+        print({key: round(value, 3) for key, value in stats.items() if key.startswith("time/")}, flush=True)
+        return exp, stats, completions
+
+    def timed_update(*a, **k):
+        t0 = time.perf_counter()
+        out = update(*a, **k)
+        torch.cuda.synchronize()
+        print(f"time/train {time.perf_counter() - t0:.3f}", flush=True)
+        return out
+
+    trainer.rollout, trainer.update = timed_rollout, timed_update
 
 
 def main() -> None:

@@ -133,14 +133,32 @@ def causal_lm_logprobs(
     )
 
 
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of a Hugging Face model, also through wrappers (peft, scalar heads)."""
+    seen = model
+    for _ in range(4):  # model → base_model (→ peft's model → its base_model)
+        layers = getattr(seen, "layers", None)
+        if isinstance(layers, nn.ModuleList):
+            return layers
+        inner = getattr(seen, "base_model", None)
+        if inner is None or inner is seen:
+            inner = getattr(seen, "model", None)
+        if inner is None:
+            break
+        seen = inner
+    from bitnet_rl.errors import UserError
+
+    raise UserError(f"train.compile: found no decoder layers in {type(model).__name__}")
+
+
 def compile_decoder_layers(model: nn.Module, **compile_kwargs) -> nn.Module:
     """`torch.compile` each decoder layer of a Hugging Face model in place (regional compilation).
 
-    The one place training code turns on compilation. Layers share their code, so dynamo
-    compiles one graph and reuses it for every layer; norms, RoPE, activations and BitLinear's
-    quantizers (traced in torch under compile, see `quant.kernels.train`) fuse into few kernels,
-    while the matmuls stay cuBLAS calls. Returns `model`.
+    The one place training code turns on compilation (recipe key `train.compile`). Layers share
+    their code, so dynamo compiles one graph and reuses it for every layer; norms, RoPE,
+    activations and BitLinear's quantizers (traced in torch under compile, see
+    `quant.kernels.train`) fuse into few kernels, while the matmuls stay cuBLAS calls. Returns `model`.
     """
-    for layer in model.base_model.layers:
+    for layer in decoder_layers(model):
         layer.compile(**compile_kwargs)
     return model

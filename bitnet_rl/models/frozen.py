@@ -45,6 +45,10 @@ class PackedTernaryLinear(nn.Module):
         self.use_kernels = not (weight.group_size and weight.group_size % KERNEL_GROUP)  # else the torch path
         self.tuner = tuner
 
+    @property
+    def granularity(self) -> str:
+        return ("per_tensor", "per_channel", "per_group")[self.dequant.dim()]
+
     def packed_weight(self) -> PackedWeight:
         return PackedWeight(self.packed, self.dequant, self.in_features, self.out_features, self.group_size, self.bias)
 
@@ -73,9 +77,40 @@ def packed_linears(model: nn.Module) -> list[PackedTernaryLinear]:
 
 
 def set_kernels(model: nn.Module, enabled: bool) -> None:
-    """Run `model`'s packed projections on the W2A8 kernels (CUDA) or on the torch reference."""
+    """Run `model`'s packed projections on the W2A8 kernels (CUDA) or on the torch reference.
+
+    Also switches the whole-model packed prefill path (`packed_prefill`) on or off."""
     for module in packed_linears(model):
         module.use_kernels = enabled and not (module.group_size and module.group_size % KERNEL_GROUP)
+    if hasattr(model, "use_packed_prefill"):
+        model.use_packed_prefill = enabled
+
+
+def packed_prefill(model: nn.Module, *, force: bool = False):
+    """The `rollout.prefill.PackedPrefill` of a frozen copy, or None where it does not apply.
+
+    It applies to copies made by `frozen_ternary_copy` (with `use_packed_prefill` on) whose
+    tensors are on CUDA with Triton (`force=True`: on any device, the torch reference ops, for
+    tests) and whose architecture the packed generator supports (BitNet / Llama-style, int8
+    activations, kernel-compatible group size). Built on first use and kept on the model; a
+    frozen copy never changes, so it never needs re-packing.
+    """
+    if not getattr(model, "use_packed_prefill", False):
+        return None
+    if not force and not use_triton(next(model.parameters()), all(m.use_kernels for m in packed_linears(model))):
+        return None
+    built = model.__dict__.get("_packed_prefill")
+    device = next(model.parameters()).device
+    if built is None or (built is not False and built.model.device != device):
+        from bitnet_rl.errors import UserError
+        from bitnet_rl.rollout.prefill import PackedPrefill
+
+        try:
+            built = PackedPrefill.from_model(model, autotune=model.kernel_tuner.autotune)
+        except UserError:
+            built = False  # an architecture the packed forward does not cover: the model's own forward runs
+        model.__dict__["_packed_prefill"] = built
+    return built or None
 
 
 @torch.no_grad()
@@ -85,7 +120,8 @@ def frozen_ternary_copy(model: nn.Module, *, autotune: bool = True) -> nn.Module
     The BitLinear modules are swapped out while the rest is deep-copied, so no second set of
     master weights is ever materialized. All projections share one `KernelTuner` (owned by the
     copy, reached as `frozen.kernel_tuner`): with `autotune`, the first CUDA forward at a new
-    row count times the W2A8 tiles for each projection shape once.
+    row count times the W2A8 tiles for each projection shape once. Whole-model passes can run on
+    the generator's packed prefill forward instead (`packed_prefill(frozen)`).
     """
     tuner = KernelTuner(autotune=autotune)
     packed = {name: PackedTernaryLinear(module, tuner) for name, module in bitlinear_modules(model)}
@@ -101,4 +137,5 @@ def frozen_ternary_copy(model: nn.Module, *, autotune: bool = True) -> nn.Module
         frozen.set_submodule(name, module)
     frozen.requires_grad_(False)
     frozen.kernel_tuner = tuner
+    frozen.use_packed_prefill = True  # scoring / log-prob passes on the generator's prefill path (`packed_prefill`)
     return frozen.eval()

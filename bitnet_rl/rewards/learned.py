@@ -14,7 +14,7 @@ import torch
 
 from bitnet_rl.data.batching import right_pad
 from bitnet_rl.data.chat import encode_prompt_completion
-from bitnet_rl.models.frozen import frozen_ternary_copy
+from bitnet_rl.models.frozen import frozen_ternary_copy, packed_prefill
 from bitnet_rl.models.io import load_tokenizer, prompt_format_of
 from bitnet_rl.models.value import load_scalar_model, sequence_scores
 from bitnet_rl.rewards.base import checked_scores
@@ -41,10 +41,17 @@ class LearnedReward:
         for prompt, completion in zip(prompts, completions):
             prompt_ids, completion_ids = encode_prompt_completion(self.tokenizer, prompt, completion, chat=self.chat)
             rows.append(prompt_ids + completion_ids)
+        fast = packed_prefill(self.model)  # CUDA: the generator's packed prefill path, all rows at once
+        if fast is not None and max((len(r) for r in rows), default=0) > fast.max_positions:
+            fast = None
+        step = max(len(rows), 1) if fast is not None else self.batch_size
         out = []
-        for start in range(0, len(rows), self.batch_size):
-            ids, mask = right_pad(rows[start : start + self.batch_size], self.tokenizer.pad_token_id)
-            out.append(sequence_scores(self.model, ids.to(self.device), mask.to(self.device)).cpu())
+        for start in range(0, len(rows), step):
+            ids, mask = right_pad(rows[start : start + step], self.tokenizer.pad_token_id)
+            if fast is not None:
+                out.append(fast.sequence_scores(ids, mask.sum(1)).cpu())
+            else:
+                out.append(sequence_scores(self.model, ids.to(self.device), mask.to(self.device)).cpu())
         return torch.cat(out) if out else torch.zeros(0)
 
     def score(self, prompts: Sequence[Any], completions: Sequence[str], **meta: Any) -> torch.Tensor:

@@ -2,7 +2,9 @@
 
 A policy qualifies when it is a BitNet or Llama-style causal LM (`model.layers`, `lm_head`)
 whose seven projections per layer are `BitLinear` with int8 activations. Anything else raises a
-`UserError` that names the offending module and points at `rollout.backend: policy`.
+`UserError` that names the offending module and points at `rollout.backend: policy`. Frozen
+copies qualify too (projections already packed, `models.frozen.PackedTernaryLinear`), and with
+`lm_head=False` so do scalar-head models (reward models, critics: `model.layers` + `score`).
 """
 
 from __future__ import annotations
@@ -54,20 +56,30 @@ def projection(layer: nn.Module, name: str) -> nn.Module:
     return getattr(parent, name)
 
 
-def inspect_policy(policy: nn.Module) -> Arch:
-    """Check that `policy` is a BitNet/Llama-style causal LM with BitLinear projections."""
+def _ternary_types() -> tuple[type, ...]:
+    from bitnet_rl.models.frozen import PackedTernaryLinear
+
+    return (BitLinear, PackedTernaryLinear)
+
+
+def inspect_policy(policy: nn.Module, *, lm_head: bool = True) -> Arch:
+    """Check that `policy` is a BitNet/Llama-style causal LM with BitLinear (or frozen packed) projections.
+
+    `lm_head=False` accepts a backbone with any head (a scalar-head model); `vocab` is then the
+    embedding's row count.
+    """
     config = getattr(policy, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise UserError(f"rollout.backend packed supports BitNet and Llama-style policies, not model_type={model_type!r}; {HINT}")
     inner = getattr(policy, "model", None)
     layers = getattr(inner, "layers", None)
-    if layers is None or not hasattr(policy, "lm_head"):
+    if layers is None or (lm_head and not hasattr(policy, "lm_head")):
         raise UserError(f"rollout.backend packed: {type(policy).__name__} has no model.layers / lm_head (a wrapped model?); {HINT}")
     for i, layer in enumerate(layers):
         for name in ATTN_PROJ + MLP_PROJ:
             module = projection(layer, name)
-            if not isinstance(module, BitLinear):
+            if not isinstance(module, _ternary_types()):
                 raise UserError(
                     f"rollout.backend packed: layers.{i}.{name} is {type(module).__name__}, not BitLinear "
                     f"(convert with bitnet_rl.models.convert.to_bitlinear, merge adapters first); {HINT}"
@@ -91,7 +103,7 @@ def inspect_policy(policy: nn.Module) -> Arch:
         n_heads=config.num_attention_heads,
         n_kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
         head_dim=head_dim,
-        vocab=policy.lm_head.out_features,
+        vocab=policy.lm_head.out_features if lm_head else inner.embed_tokens.num_embeddings,
         eps=layers[0].input_layernorm.variance_epsilon,
         act=act,
         scale=float(getattr(attn, "scaling", head_dim**-0.5)),

@@ -134,7 +134,7 @@ def decode_step(
 
 
 def prefill(
-    model: PackedModel, ids: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    model: PackedModel, ids: torch.Tensor, k_cache: torch.Tensor | None, v_cache: torch.Tensor | None,
     *, slot_offset: int = 0, last: torch.Tensor | None = None, prefill_tokens: int = 16384, tuner=None,
     project: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
 ) -> torch.Tensor:
@@ -143,6 +143,7 @@ def prefill(
     Returns float32 logits at positions `last (B,)` → `(B, V)`, or at every position → `(B, P, V)`;
     with `project`, `project(final residual (b, P, D), first row)` per pass instead (concatenated).
     `tuner` (a `rollout.tuning.Tuner`) tunes the W2A8 tiles for each new row count first.
+    Without caches (`k_cache = v_cache = None`, scoring and log-prob passes) no k/v is stored.
     """
     batch, length = ids.shape
     chunk = max(1, prefill_tokens // length)
@@ -159,7 +160,8 @@ def prefill(
         slots = torch.arange(slot_offset + r0, slot_offset + r0 + b, device=model.device)
 
         def attend(i: int, qkv: torch.Tensor, out: torch.Tensor) -> None:
-            prefill_attention(qkv, k_cache[i], v_cache[i], slots, model.cos, model.sin, out, batch=b, **kwargs)
+            caches = (None, None) if k_cache is None else (k_cache[i], v_cache[i])
+            prefill_attention(qkv, *caches, slots, model.cos, model.sin, out, batch=b, **kwargs)
 
         run_layers(model, hidden, Work.empty(rows, model.arch, model.dtype, model.device), attend, kernels)
         hidden = hidden.view(b, length, -1)
@@ -175,3 +177,24 @@ def prefill(
 def final_hidden(model: PackedModel, residual: torch.Tensor) -> torch.Tensor:
     """The final RMSNorm of the residual stream (what the LM head reads)."""
     return rms_norm(residual, model.final_norm, model.arch.eps)
+
+
+def prefill_logprobs(
+    model: PackedModel, ids: torch.Tensor, *, prefill_tokens: int = 16384, tuner=None, chunk_rows: int = 4096
+) -> torch.Tensor:
+    """Log-probs `(B, L-1)` float32 of `ids[:, 1:]` under the packed model, on the prefill path.
+
+    `ids (B, L)` right-padded (values after a row's end are don't-cares). No KV cache is written,
+    and the LM head runs `chunk_rows` positions at a time (`models.forward.chunked_head_logprobs`),
+    so no `(B, L, V)` logits exist.
+    """
+    from bitnet_rl.models.forward import chunked_head_logprobs
+
+    labels = ids[:, 1:]
+
+    def project(residual: torch.Tensor, r0: int) -> torch.Tensor:
+        x = final_hidden(model, residual[:, :-1])
+        rows = labels[r0 : r0 + x.shape[0]]
+        return chunked_head_logprobs(x, model.lm_head, rows, model.lm_head_bias, chunk_rows=chunk_rows)[0]
+
+    return prefill(model, ids, None, None, prefill_tokens=prefill_tokens, tuner=tuner, project=project)

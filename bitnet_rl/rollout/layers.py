@@ -137,8 +137,8 @@ def decode_attention(
 
 def prefill_attention(
     qkv: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
+    k_cache: torch.Tensor | None,
+    v_cache: torch.Tensor | None,
     slots: torch.Tensor,
     cos: torch.Tensor,
     sin: torch.Tensor,
@@ -155,7 +155,7 @@ def prefill_attention(
 
     Right padding keeps every real token at its true position, and causality keeps padding out
     of the real tokens' attention; the padding's k/v land in the cache beyond each row's length,
-    where decoding overwrites them before any row can see them.
+    where decoding overwrites them before any row can see them. Without caches (`None`), no k/v is stored.
     """
     length = qkv.shape[0] // batch
     x = qkv.view(batch, length, -1).to(dtype)
@@ -166,8 +166,9 @@ def prefill_attention(
     c, s = cos[:length], sin[:length]
     q = q * c + rotate_half(q) * s
     k = k * c + rotate_half(k) * s
-    rows = slots.long()
-    k_cache[rows, :, :length] = k.to(k_cache.dtype)
-    v_cache[rows, :, :length] = v.to(v_cache.dtype)
+    if k_cache is not None:
+        rows = slots.long()
+        k_cache[rows, :, :length] = k.to(k_cache.dtype)
+        v_cache[rows, :, :length] = v.to(v_cache.dtype)
     o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=n_heads != n_kv_heads)
     out.copy_(o.transpose(1, 2).reshape(batch * length, n_heads * head_dim))

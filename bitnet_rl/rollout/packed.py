@@ -151,31 +151,14 @@ class PackedGenerator:
         """Log-probs `(B, L-1)` float32 of `input_ids[:, 1:]` under the packed model (prefill path).
 
         `input_ids (B, L)` right-padded (every real token at its true position; values after a
-        row's end are don't-cares). The LM head runs `chunk_rows` positions at a time, so no
-        `(B, L, V)` logits exist. This is the fully quantized model (λ = 1), the one rollouts
-        sample from: a frozen or old-policy pass on the W2A8 kernels.
+        row's end are don't-cares), any number of rows. The LM head runs `chunk_rows` positions
+        at a time, so no `(B, L, V)` logits exist, and the KV cache is left alone. This is the
+        fully quantized model (λ = 1), the one rollouts sample from.
         """
-        from bitnet_rl.models.forward import chunked_head_logprobs
-
         ids = input_ids.to(self.device)
         if ids.shape[1] > self.max_seq_len:
             raise UserError(f"token_logprobs: sequences of {ids.shape[1]} tokens exceed max_seq_len={self.max_seq_len}")
-        labels = ids[:, 1:]
-
-        def project(residual: torch.Tensor, r0: int, offset: int) -> torch.Tensor:
-            x = forward.final_hidden(self.model, residual[:, :-1])
-            rows = labels[offset + r0 : offset + r0 + x.shape[0]]
-            return chunked_head_logprobs(x, self.model.lm_head, rows, self.model.lm_head_bias, chunk_rows=chunk_rows)[0]
-
-        outs = []
-        for i in range(0, ids.shape[0], self.max_batch_size):
-            outs.append(
-                forward.prefill(
-                    self.model, ids[i : i + self.max_batch_size], self.k_cache, self.v_cache,
-                    prefill_tokens=self.prefill_tokens, tuner=self.tuner, project=lambda h, r0, i=i: project(h, r0, i),
-                )
-            )
-        return torch.cat(outs)
+        return forward.prefill_logprobs(self.model, ids, prefill_tokens=self.prefill_tokens, tuner=self.tuner, chunk_rows=chunk_rows)
 
     # ---------------------------------------------------------------- CUDA graphs
     def capture(self, buckets: Sequence[int] | None = None) -> None:

@@ -39,9 +39,14 @@ FUSED = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("g
 class PackedModel:
     """Packed projections + activation-dtype embeddings, norms, head and RoPE tables of one policy."""
 
-    def __init__(self, arch: Arch, policy: nn.Module, *, device: torch.device, dtype: torch.dtype, max_seq_len: int) -> None:
+    def __init__(
+        self, arch: Arch, policy: nn.Module, *, device: torch.device, dtype: torch.dtype, max_seq_len: int, lm_head: bool = True
+    ) -> None:
+        """Buffers for `policy`'s shapes (filled by `sync_from`); `lm_head=False` for a backbone
+        without a vocabulary head (scalar-head models: `lm_head` is then None)."""
         a, dev, dt = arch, device, dtype
         self.arch, self.device, self.dtype = arch, device, dtype
+        self.has_lm_head = lm_head
         self.layers: list[LayerWeights] = []
         for layer in policy.model.layers:
             fused = {key: PackedWeight.fused([projection(layer, n) for n in names], device=dev) for key, names in FUSED.items()}
@@ -55,11 +60,13 @@ class PackedModel:
                 )
             )
         embed = policy.model.embed_tokens.weight
-        self.tied = policy.lm_head.weight.data_ptr() == embed.data_ptr()
+        self.tied = lm_head and policy.lm_head.weight.data_ptr() == embed.data_ptr()
         self.embed = torch.zeros(embed.shape, dtype=dt, device=dev)
-        self.lm_head = self.embed if self.tied else torch.zeros(policy.lm_head.weight.shape, dtype=dt, device=dev)
+        self.lm_head = None
+        if lm_head:
+            self.lm_head = self.embed if self.tied else torch.zeros(policy.lm_head.weight.shape, dtype=dt, device=dev)
         self.lm_head_bias = None
-        if getattr(policy.lm_head, "bias", None) is not None:
+        if lm_head and getattr(policy.lm_head, "bias", None) is not None:
             self.lm_head_bias = torch.zeros(a.vocab, dtype=dt, device=dev)
         self.final_norm = torch.zeros(a.hidden, dtype=dt, device=dev)
         positions = torch.arange(max_seq_len, device=next(policy.parameters()).device)[None]
@@ -71,7 +78,7 @@ class PackedModel:
     @torch.no_grad()
     def sync_from(self, policy: nn.Module) -> None:
         """Re-pack `policy`'s current weights into these buffers, in place (no reallocation)."""
-        inspect_policy(policy)
+        inspect_policy(policy, lm_head=self.has_lm_head)
         if len(policy.model.layers) != len(self.layers):
             raise UserError("sync_from: the policy has a different number of layers; build a new generator with from_model")
         for layer, weights in zip(policy.model.layers, self.layers):
@@ -83,7 +90,7 @@ class PackedModel:
                 weights.attn_sub_norm.copy_(layer.self_attn.attn_sub_norm.weight)
                 weights.ffn_sub_norm.copy_(layer.mlp.ffn_sub_norm.weight)
         self.embed.copy_(policy.model.embed_tokens.weight)
-        if not self.tied:
+        if self.lm_head is not None and not self.tied:
             self.lm_head.copy_(policy.lm_head.weight)
         if self.lm_head_bias is not None:
             self.lm_head_bias.copy_(policy.lm_head.bias)
@@ -91,7 +98,7 @@ class PackedModel:
 
     def buffers(self) -> list[torch.Tensor]:
         """Every weight buffer `sync_from` writes (for checking that none moved)."""
-        out = [self.embed, self.lm_head, self.final_norm]
+        out = [t for t in (self.embed, self.lm_head, self.final_norm) if t is not None]
         for w in self.layers:
             for pw in w.projections():
                 out += [pw.packed, pw.dequant] + ([pw.bias] if pw.bias is not None else [])
@@ -101,4 +108,5 @@ class PackedModel:
     def weight_bytes(self) -> dict[str, int]:
         """Bytes read per decode step: packed projections (codes + scales) and the lm_head."""
         packed = sum(pw.nbytes() for w in self.layers for pw in w.projections())
-        return {"packed": packed, "lm_head": self.lm_head.numel() * self.lm_head.element_size()}
+        head = 0 if self.lm_head is None else self.lm_head.numel() * self.lm_head.element_size()
+        return {"packed": packed, "lm_head": head}

@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from bitnet_rl.data.batching import right_pad
 from bitnet_rl.models.forward import causal_lm_logprobs
+from bitnet_rl.models.frozen import packed_prefill
 from bitnet_rl.models.value import token_values
 from bitnet_rl.rl.losses import entropy_from_logits, logprobs_from_logits
 from bitnet_rl.rollout.output import RolloutOutput
@@ -125,8 +126,15 @@ def completion_columns(per_position: torch.Tensor, prompt_lens: torch.Tensor, wi
 
 
 def policy_forward(model: nn.Module, exp: Experience, with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Completion log-probs `(B, T)` (and entropies) under `model`, with gradients if enabled."""
+    """Completion log-probs `(B, T)` (and entropies) under `model`, with gradients if enabled.
+
+    A frozen 2-bit copy (the reference) runs on the generator's packed prefill path on CUDA
+    (`models.frozen.packed_prefill`); a trained model always runs its own forward.
+    """
     width = exp.mask.shape[1]
+    fast = None if with_entropy or torch.is_grad_enabled() else packed_prefill(model)
+    if fast is not None and exp.input_ids.shape[1] <= fast.max_positions:
+        return completion_columns(fast.token_logprobs(exp.input_ids), exp.prompt_lens, width), None
     if hasattr(model, "base_model") and model.get_output_embeddings() is not None:  # no (B, T, V) logits (issue 13)
         logprobs, entropy = causal_lm_logprobs(model, exp.input_ids, exp.attention_mask, with_entropy=with_entropy)
         return completion_columns(logprobs, exp.prompt_lens, width), None if entropy is None else completion_columns(entropy, exp.prompt_lens, width)

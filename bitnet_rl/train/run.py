@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from bitnet_rl.lora.apply import finish_lora
 from bitnet_rl.models.convert import enable_checkpointing
+from bitnet_rl.models.forward import compile_decoder_layers
 from bitnet_rl.models.io import save_checkpoint
 from bitnet_rl.quant.bitlinear import set_lambda
 from bitnet_rl.quant.health import code_snapshot, ternary_health
@@ -133,6 +134,8 @@ class Run:
         """
         if self.recipe.train.gradient_checkpointing:
             enable_checkpointing(model)
+        if self.recipe.train.compile:  # regional torch.compile of the decoder layers (issue 13), every stage and model
+            compile_decoder_layers(model)
         optimizer = build_optimizer(model, self.recipe, lr=lr)
         scheduler = build_scheduler(optimizer, self.recipe, total_steps) if not self.trained else None
         model, optimizer = self.accelerator.prepare(model, optimizer)

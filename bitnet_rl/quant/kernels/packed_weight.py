@@ -93,12 +93,37 @@ class PackedWeight:
         return row + n
 
     def pack_rows_(self, row: int, module: nn.Module) -> int:
-        """Re-pack a BitLinear's λ = 1 codes and scale into rows `row …`, in place. Returns the next row."""
+        """Re-pack a BitLinear's λ = 1 codes and scale into rows `row …`, in place. Returns the next row.
+
+        A module that is already packed (a frozen `PackedTernaryLinear`, which has `packed_weight()`)
+        has its codes and scales copied as they are (bit for bit, no re-quantization)."""
         group = module.group_size if module.granularity == "per_group" else 0
         if group != self.group_size or module.in_features != self.in_features:
             raise UserError("packing: the model's quantization settings changed; build a new generator / frozen copy")
+        if hasattr(module, "packed_weight"):
+            return self.copy_rows_(row, module.packed_weight())
         codes, scale = module.ternary_codes()
         return self.write_codes_(row, codes, scale, module.bias)
+
+    def copy_rows_(self, row: int, other: "PackedWeight") -> int:
+        """Copy `other`'s packed codes, scales and bias into rows `row …` (same K and group). Returns the next row."""
+        n = other.out_features
+        if other.packed.shape[1] != self.packed.shape[1] or other.group_size != self.group_size or row + n > self.out_features:
+            raise ValueError(f"copy_rows_: a {n}×{other.in_features} weight does not fit rows {row}… of {self.out_features}×{self.in_features}")
+        self.packed[row : row + n].copy_(other.packed)
+        if self.dequant.dim() == 0:
+            if row or n != self.out_features or other.dequant.dim() != 0:
+                raise ValueError("copy_rows_: a per-tensor buffer takes one whole weight with a per-tensor scale")
+            self.dequant.copy_(other.dequant)
+        else:
+            source = other.dequant.expand(n) if other.dequant.dim() == 0 and self.dequant.dim() == 1 else other.dequant
+            self.dequant[row : row + n].copy_(source)
+        if self.bias is not None:
+            if other.bias is None:
+                self.bias[row : row + n].zero_()
+            else:
+                self.bias[row : row + n].copy_(other.bias)
+        return row + n
 
     @classmethod
     def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, group_size: int = 0, bias: torch.Tensor | None = None) -> "PackedWeight":
