@@ -232,6 +232,19 @@ class PPOConfig(Section):
     eval_path: str | None = Field(None, description="Held-out prompts file for evaluation; default: fresh demo prompts when prompts is `demo`, none otherwise.")
 
 
+class DistributedConfig(Section):
+    num_processes: int = Field(
+        1, ge=1, description="Worker processes (one per GPU; on CPU, gloo workers); above 1 the command starts them through `accelerate launch` (`--num-processes` overrides)."
+    )
+    strategy: Literal["ddp", "fsdp2"] = Field(
+        "ddp",
+        description="ddp: a full replica per process, gradients all-reduced; fsdp2: parameters, gradients and optimizer state sharded per decoder layer (accelerate's FSDP2 plugin; needs GPUs).",
+    )
+    accelerate_config: str | None = Field(
+        None, description="An `accelerate config` YAML file for the launch (multi-node, FSDP options); the keys above win where both are set."
+    )
+
+
 class Recipe(Section):
     out: str = Field("runs/out", description="Output directory (checkpoints, metrics.jsonl).")
     model: ModelConfig = Field(default_factory=ModelConfig, description="Policy to load.")
@@ -246,6 +259,7 @@ class Recipe(Section):
     dpo: DPOConfig = Field(default_factory=DPOConfig, description="DPO (bitnet-rl dpo).")
     rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="Sampling for RL.")
     ppo: PPOConfig = Field(default_factory=PPOConfig, description="PPO / GRPO (bitnet-rl ppo).")
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig, description="Several processes (GPUs) through accelerate.")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

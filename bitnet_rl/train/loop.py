@@ -21,6 +21,9 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from bitnet_rl.distributed.collective import all_reduce_sum, main_then_wait, reduce_step_stats
+from bitnet_rl.distributed.fsdp import accelerator_options, check_uniform_dtypes, full_model_state, full_optimizer_state, gathered_params, load_model_state, load_optimizer_state
+from bitnet_rl.distributed.reduce import rank_share
 from bitnet_rl.errors import UserError
 from bitnet_rl.lora.apply import apply_lora, finish_lora, has_lora
 from bitnet_rl.models.convert import enable_checkpointing
@@ -95,6 +98,8 @@ class MetricsLog:
         self.path = path
         self.accelerator = accelerator
         path.parent.mkdir(parents=True, exist_ok=True)
+        if accelerator is not None and not accelerator.is_main_process:
+            return  # only the main process writes metrics
         lines = []
         if keep_until is not None and path.exists():
             lines = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= keep_until]
@@ -112,7 +117,7 @@ class MetricsLog:
 def make_accelerator(recipe: Recipe, out_dir: Path):
     from accelerate import Accelerator
 
-    kwargs: dict[str, Any] = {"mixed_precision": recipe.train.mixed_precision}
+    kwargs: dict[str, Any] = {"mixed_precision": recipe.train.mixed_precision, **accelerator_options(recipe)}
     if recipe.logging.report_to:
         kwargs.update(log_with=list(recipe.logging.report_to), project_dir=str(out_dir))
     return Accelerator(**kwargs)
@@ -143,7 +148,7 @@ def load_weights(model: nn.Module, checkpoint: Path) -> None:
 
     state = read_weight_files(checkpoint)
     try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing, unexpected = load_model_state(model, state)
     except RuntimeError as err:  # shape mismatches: name the first one
         detail = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), str(err).splitlines()[0])
         raise UserError(f"{checkpoint}: weights do not match the model being trained ({detail.rstrip('.')})") from None
@@ -165,6 +170,7 @@ class Stage:
     eval_fn: EvalFn | None = None
     extra_modules: dict[str, nn.Module] = field(default_factory=dict)  # e.g. a frozen reference, moved to device
     final_files: Callable[[nn.Module], dict[str, Callable[[Path], None]]] | None = None  # more files for OUT/final
+    loss_items: Callable[[dict[str, torch.Tensor]], float] | None = None  # what a mean loss averages over (tokens); ranks rescale by it
 
 
 def train(stage: Stage, recipe: Recipe, resume: str | None = None, overwrite: bool = False) -> Path:
@@ -186,7 +192,9 @@ def train(stage: Stage, recipe: Recipe, resume: str | None = None, overwrite: bo
         state = LoopState(**json.loads((checkpoint / "trainer_state" / "state.json").read_text()))
         check_not_finished(checkpoint, state.step, tcfg.max_steps)
         load_weights(model, checkpoint)
-    begin_run(out_dir, recipe, stage.name, checkpoint, overwrite)
+    main_then_wait(accelerator, lambda: begin_run(out_dir, recipe, stage.name, checkpoint, overwrite))
+    if recipe.distributed.strategy == "fsdp2":
+        check_uniform_dtypes(model)
     if tcfg.gradient_checkpointing:
         enable_checkpointing(model)
     optimizer = build_optimizer(model, recipe)
@@ -197,10 +205,11 @@ def train(stage: Stage, recipe: Recipe, resume: str | None = None, overwrite: bo
     torch.manual_seed(tcfg.seed)
     if checkpoint is not None:
         trainer_dir = checkpoint / "trainer_state"
-        optimizer.load_state_dict(load_trainer_file(trainer_dir / "optimizer.pt", map_location=accelerator.device, weights_only=True))
+        load_optimizer_state(model, optimizer, load_trainer_file(trainer_dir / "optimizer.pt", map_location=accelerator.device, weights_only=True))
         scheduler.load_state_dict(load_trainer_file(trainer_dir / "scheduler.pt", weights_only=True))
         load_rng(trainer_dir / "rng.pt")
-    (out_dir / "recipe.json").write_text(recipe.model_dump_json(indent=2))
+    if accelerator.is_main_process:
+        (out_dir / "recipe.json").write_text(recipe.model_dump_json(indent=2))
 
     metrics = MetricsLog(out_dir / "metrics.jsonl", keep_until=state.step, accelerator=accelerator)
     if recipe.logging.report_to:
@@ -208,7 +217,8 @@ def train(stage: Stage, recipe: Recipe, resume: str | None = None, overwrite: bo
     sampler = EpochSampler(len(stage.examples), tcfg.seed, state)
     world, rank = accelerator.num_processes, accelerator.process_index
     unwrapped = accelerator.unwrap_model(model)
-    snapshot = code_snapshot(unwrapped) if recipe.logging.health_every else None
+    with gathered_params(unwrapped):
+        snapshot = code_snapshot(unwrapped) if recipe.logging.health_every else None
     warned_collapse: set[str] = set()
     bar = tqdm(
         total=tcfg.max_steps,
@@ -236,10 +246,13 @@ def train(stage: Stage, recipe: Recipe, resume: str | None = None, overwrite: bo
             with accelerator.no_sync(model) if not sync and world > 1 else nullcontext():
                 with accelerator.autocast():
                     loss, stats, n_tokens = stage.loss_fn(model, batch)
+                if stage.loss_items is not None and world > 1:  # the global micro-batch's mean, not the mean of ranks' means
+                    loss = loss * rank_share(stage.loss_items(batch), world, all_reduce_sum(accelerator))
                 accelerator.backward(loss / tcfg.grad_accum)
             step_tokens += n_tokens
             for key, value in {"loss": loss, **stats}.items():
                 stats_sum[key] = stats_sum.get(key, 0.0) + float(torch.as_tensor(value).detach()) / tcfg.grad_accum
+        stats_sum, totals = reduce_step_stats(accelerator, stats_sum, tcfg.batch_size, {"tokens": step_tokens})  # global means
         grad_norm = (
             accelerator.clip_grad_norm_(model.parameters(), recipe.optimizer.max_grad_norm)
             if recipe.optimizer.max_grad_norm > 0
@@ -250,13 +263,14 @@ def train(stage: Stage, recipe: Recipe, resume: str | None = None, overwrite: bo
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
-        state.tokens += step_tokens * world
+        state.tokens += int(totals["tokens"])
         elapsed = time.perf_counter() - started
         record = {"step": state.step, **stats_sum, "lambda": lam, "lr": lr, "grad_norm": float(grad_norm)}
-        record["tokens_per_s"] = step_tokens * world / max(elapsed, 1e-9)
+        record["tokens_per_s"] = totals["tokens"] / max(elapsed, 1e-9)
         record["tokens"] = state.tokens
         if snapshot is not None and state.step % recipe.logging.health_every == 0:
-            report = ternary_health(unwrapped, previous=snapshot)
+            with gathered_params(unwrapped):
+                report = ternary_health(unwrapped, previous=snapshot)
             snapshot = report.codes
             record.update(report.overall())
             new_collapse = set(report.collapsed) - warned_collapse
@@ -279,13 +293,15 @@ def train(stage: Stage, recipe: Recipe, resume: str | None = None, overwrite: bo
     bar.close()
     accelerator.wait_for_everyone()
     final = out_dir / "final"
+    full_state, optimizer_state = full_model_state(model), full_optimizer_state(model, optimizer)  # collective under FSDP2
     if accelerator.is_main_process:
-        extra = {"trainer_state": _state_writer(optimizer, scheduler, state)}
+        extra = {"trainer_state": _state_writer(optimizer_state, scheduler, state)}
         if stage.final_files is not None:
             model.eval()
             extra.update(stage.final_files(unwrapped))
         extra.update(finish_lora(unwrapped, recipe.lora))  # merged ternary model, or base + adapter/
-        save_checkpoint(unwrapped, stage.tokenizer, final, extra=extra)
+        save_checkpoint(unwrapped, stage.tokenizer, final, extra=extra, state_dict=full_state)
+    accelerator.wait_for_everyone()  # every rank returns once final/ is complete
     if recipe.logging.report_to:
         accelerator.end_training()
     return final
@@ -311,10 +327,10 @@ def load_rng(path: Path) -> None:
         torch.cuda.set_rng_state_all(rng["cuda"])
 
 
-def _state_writer(optimizer, scheduler, state: LoopState) -> Callable[[Path], None]:
+def _state_writer(optimizer_state: dict[str, Any], scheduler, state: LoopState) -> Callable[[Path], None]:
     def write(path: Path) -> None:
         path.mkdir()
-        torch.save(optimizer.state_dict(), path / "optimizer.pt")
+        torch.save(optimizer_state, path / "optimizer.pt")
         torch.save(scheduler.state_dict(), path / "scheduler.pt")
         save_rng(path / "rng.pt")
         (path / "state.json").write_text(json.dumps(asdict(state)))
@@ -323,8 +339,9 @@ def _state_writer(optimizer, scheduler, state: LoopState) -> Callable[[Path], No
 
 
 def _save_step_checkpoint(accelerator, model, tokenizer, optimizer, scheduler, state, out_dir: Path, recipe: Recipe) -> None:
+    full_state, optimizer_state = full_model_state(model), full_optimizer_state(model, optimizer)  # collective under FSDP2
     if not accelerator.is_main_process:
         return
     root = out_dir / "checkpoints"
-    save_checkpoint(model, tokenizer, root / f"step-{state.step:07d}", extra={"trainer_state": _state_writer(optimizer, scheduler, state)})
+    save_checkpoint(model, tokenizer, root / f"step-{state.step:07d}", extra={"trainer_state": _state_writer(optimizer_state, scheduler, state)}, state_dict=full_state)
     prune_checkpoints(root, recipe.checkpoint.keep_last)

@@ -23,6 +23,9 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from bitnet_rl.distributed.collective import all_reduce_sum, gather_rows, main_then_wait, reduce_rollout_stats
+from bitnet_rl.distributed.fsdp import full_model_state, full_optimizer_state, gathered_params, load_optimizer_state
+from bitnet_rl.distributed.reduce import loss_denominator, weighted_means
 from bitnet_rl.data.prompts import encode_prompt, load_prompts, rollout_prompt_ids
 from bitnet_rl.errors import UserError
 from bitnet_rl.lora.apply import finish_lora
@@ -79,12 +82,13 @@ def kl_controller(cfg: PPOConfig):
     return FixedKLController(cfg.kl_coef)
 
 
-def compute_advantages(cfg: PPOConfig, scores: torch.Tensor, values: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float):
-    """(advantages, returns, token rewards) `(B, T)` from the estimator registered as `cfg.advantage`. Pure."""
+def compute_advantages(cfg: PPOConfig, scores: torch.Tensor, values: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float, all_reduce=None):
+    """(advantages, returns, token rewards) `(B, T)` from the estimator registered as `cfg.advantage`.
+    Pure; `all_reduce` (several processes) makes whitening use all ranks' moments."""
     token_rewards = adv.scores_to_token_rewards(scores, mask)
     if cfg.kl_mode == "reward":
         token_rewards = adv.add_kl_penalty(token_rewards, kl, kl_coef, mask)
-    inputs = AdvantageInputs(token_rewards, values, mask, cfg.samples_per_prompt, cfg.gamma, cfg.gae_lambda, cfg.group_std_eps)
+    inputs = AdvantageInputs(token_rewards, values, mask, cfg.samples_per_prompt, cfg.gamma, cfg.gae_lambda, cfg.group_std_eps, all_reduce)
     advantages, returns = estimate_advantages(cfg.advantage, inputs, cfg.whiten_advantages)
     return advantages, returns, token_rewards
 
@@ -183,7 +187,8 @@ class PPOTrainer:
         device = acc.device
         t0 = time.perf_counter()
         if hasattr(self.generator, "sync_from"):
-            self.generator.sync_from(self.unwrapped)
+            with gathered_params(self.unwrapped):  # FSDP2: the generator packs the full weights
+                self.generator.sync_from(self.unwrapped)
 
         def round_fn(round_index: int):
             picked = sampler.next(cfg.prompts_per_iteration * acc.num_processes)[acc.process_index :: acc.num_processes]
@@ -203,7 +208,8 @@ class PPOTrainer:
             exp.values = critic_forward(self.critic, exp) * mask
         exp.is_weights, exp.loss_mask = rollout_correction(cfg.rollout_correction, exp.old_logprobs, exp.rollout_logprobs, mask, cfg.rollout_correction_cap)
         kl = kl_estimate(exp.old_logprobs, exp.ref_logprobs, cfg.kl_estimator) * mask
-        exp.advantages, exp.returns, _ = compute_advantages(cfg, exp.scores, exp.values, kl, mask, self.kl_ctl.value)
+        all_reduce = all_reduce_sum(acc) if acc.num_processes > 1 else None
+        exp.advantages, exp.returns, _ = compute_advantages(cfg, exp.scores, exp.values, kl, mask, self.kl_ctl.value, all_reduce)
         new_tokens = int(mask.sum())
         t2 = time.perf_counter()
         raw = sampled.raw
@@ -216,7 +222,7 @@ class PPOTrainer:
             "response_length": new_tokens / len(exp),
             "eos_rate": float(sampled.stopped.float().mean()),
             "rollout_tokens_per_s": new_tokens / max(t1 - t0, 1e-9),
-            **rollout_mismatch(exp.old_logprobs, exp.rollout_logprobs, mask, cfg.rollout_correction_cap),
+            **rollout_mismatch(*gather_rows(acc, exp.old_logprobs, exp.rollout_logprobs, mask), cfg.rollout_correction_cap),
             "correction/kept_tokens": float(exp.loss_mask.sum() / mask.sum().clamp(min=1)),
             "correction/mean_weight": float(adv.masked_mean(exp.is_weights, exp.loss_mask)) if exp.loss_mask.any() else 0.0,
             "time/generate": sampled.generate_seconds,
@@ -225,6 +231,10 @@ class PPOTrainer:
         }
         if cfg.dynamic_sampling:
             stats["dynamic/rounds"], stats["dynamic/dropped_groups"] = sampled.rounds, sampled.dropped_groups
+        rows, groups = len(exp), len(exp) / cfg.samples_per_prompt
+        per_row = {k: rows for k in ("reward", "score", "kl", "response_length", "eos_rate")}
+        weights = {**per_row, "reward_std": groups, "frac_reward_zero_std": groups, "correction/kept_tokens": float(mask.sum()), "correction/mean_weight": float(exp.loss_mask.sum())}
+        stats = reduce_rollout_stats(acc, stats, weights, maxima=("time/generate", "time/score", "time/logprobs", "dynamic/rounds"), sums=("rollout_tokens_per_s", "dynamic/dropped_groups"))
         return exp, stats, sampled.completions
 
     def update(self, exp: Experience) -> dict[str, float]:
@@ -248,14 +258,19 @@ class PPOTrainer:
                     totals[key] = totals.get(key, 0.0) + value
                 count += 1
                 self.state.step += 1
-        return {key: value / max(count, 1) for key, value in totals.items()}
+        means = {key: value / max(count, 1) for key, value in totals.items()}
+        if self.accelerator.num_processes == 1:
+            return means
+        tokens = float(exp.loss_mask.sum())  # token means weigh by tokens; the policy loss is already the global mean per rank
+        return weighted_means(means, {k: (1.0 if k == "loss/policy" else tokens) for k in means}, all_reduce_sum(self.accelerator))
 
     def _minibatch_step(self, exp: Experience, rows: torch.Tensor) -> dict[str, float]:
         cfg = self.cfg
         stats: dict[str, float] = {}
         micro_batches = rows.split(cfg.micro_batch_size)
         whole = exp.loss_mask[rows.to(exp.loss_mask.device)]
-        num_tokens, num_seqs = whole.sum().clamp(min=1.0), (whole.sum(1) > 0).sum().clamp(min=1)
+        reduce, world = all_reduce_sum(self.accelerator), self.accelerator.num_processes  # global minibatch denominators (distributed.reduce)
+        num_tokens, num_seqs = loss_denominator(whole.sum(), world, reduce).clamp(min=1.0 / world), loss_denominator((whole.sum(1) > 0).sum(), world, reduce).clamp(min=1.0 / world)
         for micro in micro_batches:
             part = exp.select(micro.to(exp.input_ids.device))
             weight = len(micro) / len(rows)
@@ -301,9 +316,10 @@ class PPOTrainer:
         if checkpoint is not None:
             iteration = self._load(checkpoint)
             check_not_finished(checkpoint, iteration, cfg.iterations, key="ppo.iterations")
-        begin_run(self.out, recipe, "ppo", checkpoint, overwrite)
+        main_then_wait(acc, lambda: begin_run(self.out, recipe, "ppo", checkpoint, overwrite))
         metrics = MetricsLog(self.out / "metrics.jsonl", keep_until=iteration, accelerator=acc)
-        (self.out / "recipe.json").write_text(recipe.model_dump_json(indent=2))
+        if acc.is_main_process:
+            (self.out / "recipe.json").write_text(recipe.model_dump_json(indent=2))
         if recipe.logging.report_to:
             acc.init_trackers("ppo")
         sampler = EpochSampler(len(self.prompts), recipe.train.seed, self.state)
@@ -349,21 +365,26 @@ class PPOTrainer:
         every = self.recipe.logging.health_every
         if not every or steps_before // every == self.state.step // every:
             return {}
-        report = ternary_health(self.unwrapped, previous=self.codes)
+        with gathered_params(self.unwrapped):
+            report = ternary_health(self.unwrapped, previous=self.codes)
         self.codes = report.codes
         return report.overall()  # the same keys as SFT/DPO/RM (flip_rate, code fractions), so one set of curves reads every run
 
     def save(self, path: Path, iteration: int) -> Path:
+        full_state, optimizer_state = full_model_state(self.policy), full_optimizer_state(self.policy, self.optimizer)  # collective under FSDP2
+        if self.critic is not None:
+            critic_state, critic_optimizer_state = full_model_state(self.critic), full_optimizer_state(self.critic, self.critic_optimizer)
         if not self.accelerator.is_main_process:
+            self.accelerator.wait_for_everyone()
             return path
 
         def write_state(trainer_dir: Path) -> None:
             trainer_dir.mkdir()
-            torch.save(self.optimizer.state_dict(), trainer_dir / "optimizer.pt")
+            torch.save(optimizer_state, trainer_dir / "optimizer.pt")
             torch.save(self.scheduler.state_dict(), trainer_dir / "scheduler.pt")
             if self.critic is not None:
-                torch.save(self.critic_optimizer.state_dict(), trainer_dir / "critic_optimizer.pt")
-                save_checkpoint(self.accelerator.unwrap_model(self.critic), None, trainer_dir / "critic", kind="critic")
+                torch.save(critic_optimizer_state, trainer_dir / "critic_optimizer.pt")
+                save_checkpoint(self.accelerator.unwrap_model(self.critic), None, trainer_dir / "critic", kind="critic", state_dict=critic_state)
             save_rng(trainer_dir / "rng.pt")
             state = {**asdict(self.state), "extra": {"iteration": iteration, "kl_ctl": self.kl_ctl.state_dict()}}
             (trainer_dir / "state.json").write_text(json.dumps(state))
@@ -371,17 +392,19 @@ class PPOTrainer:
         extra = {"trainer_state": write_state}
         if path.name == "final":  # with LoRA: the merged (ternary) model, or base + adapter/
             extra.update(finish_lora(self.unwrapped, self.recipe.lora))
-        return save_checkpoint(self.unwrapped, self.tokenizer, path, extra=extra)
+        saved = save_checkpoint(self.unwrapped, self.tokenizer, path, extra=extra, state_dict=full_state)
+        self.accelerator.wait_for_everyone()
+        return saved
 
     def _load(self, checkpoint: Path) -> int:
         trainer_dir = checkpoint / "trainer_state"
         load_weights(self.unwrapped, checkpoint)
         device = self.accelerator.device
-        self.optimizer.load_state_dict(torch.load(trainer_dir / "optimizer.pt", map_location=device, weights_only=True))
+        load_optimizer_state(self.policy, self.optimizer, torch.load(trainer_dir / "optimizer.pt", map_location=device, weights_only=True))
         self.scheduler.load_state_dict(torch.load(trainer_dir / "scheduler.pt", weights_only=True))
         if self.critic is not None:
             load_weights(self.accelerator.unwrap_model(self.critic), trainer_dir / "critic")
-            self.critic_optimizer.load_state_dict(torch.load(trainer_dir / "critic_optimizer.pt", map_location=device, weights_only=True))
+            load_optimizer_state(self.critic, self.critic_optimizer, torch.load(trainer_dir / "critic_optimizer.pt", map_location=device, weights_only=True))
         load_rng(trainer_dir / "rng.pt")
         saved = json.loads((trainer_dir / "state.json").read_text())
         extra = saved.pop("extra")

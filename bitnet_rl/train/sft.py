@@ -55,6 +55,11 @@ def sft_loss_fn(aggregation: str):
     return loss_fn
 
 
+def label_tokens(batch: dict[str, torch.Tensor]) -> float:
+    """Tokens the mean loss averages over: shifted labels that are not IGNORE_INDEX."""
+    return float((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
 @torch.no_grad()
 def evaluate_loss(model: nn.Module, examples: list[dict], collate, batch_size: int = 16) -> dict[str, float]:
     """Mean next-token loss over all trainable tokens of `examples`, and its perplexity."""
@@ -95,5 +100,6 @@ def run_sft(recipe: Recipe, resume: str | None = None, device: str | None = None
         collate=collate,
         loss_fn=sft_loss_fn(recipe.train.loss_aggregation),
         eval_fn=(lambda m: evaluate_loss(m, val_examples, collate)) if val_examples else None,
+        loss_items=label_tokens if recipe.train.loss_aggregation == "mean" else None,
     )
     return train(stage, recipe, resume=resume, overwrite=overwrite)
