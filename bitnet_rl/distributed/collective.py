@@ -7,6 +7,7 @@ process only, behind barriers (`main_then_wait`), and statistics become global.
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from typing import Any, Callable, Mapping, TypeVar
 
 import torch
@@ -99,3 +100,14 @@ def reduce_rollout_stats(
         if key in numeric:
             out[key] = value
     return out
+
+
+def skip_grad_sync(accelerator, models, sync: bool):
+    """Gradient accumulation under DDP: inside, backward leaves the gradients of `models` local
+    (`no_sync`) unless `sync` (the last micro-batch, whose backward all-reduces the sum)."""
+    stack = ExitStack()
+    if not sync and accelerator.num_processes > 1:
+        for model in models:
+            if model is not None:
+                stack.enter_context(accelerator.no_sync(model))
+    return stack

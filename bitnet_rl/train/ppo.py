@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from bitnet_rl.distributed.collective import all_reduce_sum, gather_rows, main_then_wait, reduce_rollout_stats
+from bitnet_rl.distributed.collective import all_reduce_sum, gather_rows, main_then_wait, reduce_rollout_stats, skip_grad_sync
 from bitnet_rl.distributed.fsdp import full_model_state, full_optimizer_state, gathered_params, load_optimizer_state
 from bitnet_rl.distributed.reduce import loss_denominator, weighted_means
 from bitnet_rl.data.prompts import encode_prompt, load_prompts, rollout_prompt_ids
@@ -261,8 +261,8 @@ class PPOTrainer:
         means = {key: value / max(count, 1) for key, value in totals.items()}
         if self.accelerator.num_processes == 1:
             return means
-        tokens = float(exp.loss_mask.sum())  # token means weigh by tokens; the policy loss is already the global mean per rank
-        return weighted_means(means, {k: (1.0 if k == "loss/policy" else tokens) for k in means}, all_reduce_sum(self.accelerator))
+        tokens = float(exp.loss_mask.sum())  # token means weigh by tokens; loss and entropy are shares of the global mean already
+        return weighted_means(means, {k: (1.0 if k in ("loss/policy", "entropy") else tokens) for k in means}, all_reduce_sum(self.accelerator))
 
     def _minibatch_step(self, exp: Experience, rows: torch.Tensor) -> dict[str, float]:
         cfg = self.cfg
@@ -270,30 +270,32 @@ class PPOTrainer:
         micro_batches = rows.split(cfg.micro_batch_size)
         whole = exp.loss_mask[rows.to(exp.loss_mask.device)]
         reduce, world = all_reduce_sum(self.accelerator), self.accelerator.num_processes  # global minibatch denominators (distributed.reduce)
+        mask_tokens = loss_denominator(exp.mask[rows.to(exp.mask.device)].sum(), world, reduce).clamp(min=1.0 / world)
         num_tokens, num_seqs = loss_denominator(whole.sum(), world, reduce).clamp(min=1.0 / world), loss_denominator((whole.sum(1) > 0).sum(), world, reduce).clamp(min=1.0 / world)
-        for micro in micro_batches:
-            part = exp.select(micro.to(exp.input_ids.device))
-            weight = len(micro) / len(rows)
-            with self.accelerator.autocast():
-                logprobs, entropy = policy_forward(self.policy, part, with_entropy=True)
-                pg_loss, pstats = ppo_policy_loss(
-                    logprobs, part.old_logprobs, part.advantages, part.loss_mask, cfg.clip_eps, cfg.clip_eps_high,
-                    weights=part.is_weights, aggregation=cfg.loss_aggregation, num_tokens=num_tokens, num_seqs=num_seqs,
-                )  # fmt: skip
-                mean_entropy = adv.masked_mean(entropy, part.mask)
-                loss = pg_loss - weight * cfg.entropy_coef * mean_entropy
-                if cfg.kl_mode == "loss":
-                    loss = loss + weight * self.kl_ctl.value * adv.masked_mean(kl_estimate(logprobs, part.ref_logprobs, cfg.kl_estimator), part.mask)
-            self.accelerator.backward(loss)
-            _add(stats, {"loss/policy": float(loss.detach())}, 1.0)  # micro-batch losses add up to the minibatch loss
-            _add(stats, {"entropy": float(mean_entropy.detach())}, weight)
-            _add(stats, {k: float(v) for k, v in pstats.items()}, weight)
-            if self.critic is not None:
+        for index, micro in enumerate(micro_batches):
+            with skip_grad_sync(self.accelerator, (self.policy, self.critic), sync=index == len(micro_batches) - 1):
+                part = exp.select(micro.to(exp.input_ids.device))
+                weight = len(micro) / len(rows)
                 with self.accelerator.autocast():
-                    values = critic_forward(self.critic, part)
-                    vloss, vstats = value_loss(values, part.values, part.returns, part.mask, cfg.value_clip_eps)
-                self.accelerator.backward(vloss * weight)
-                _add(stats, {"loss/value": float(vloss.detach()), "value_clip_frac": float(vstats["clip_frac"])}, weight)
+                    logprobs, entropy = policy_forward(self.policy, part, with_entropy=True)
+                    pg_loss, pstats = ppo_policy_loss(
+                        logprobs, part.old_logprobs, part.advantages, part.loss_mask, cfg.clip_eps, cfg.clip_eps_high,
+                        weights=part.is_weights, aggregation=cfg.loss_aggregation, num_tokens=num_tokens, num_seqs=num_seqs,
+                    )  # fmt: skip
+                    entropy_share = (entropy * part.mask).sum() / mask_tokens  # token means over the (global) minibatch
+                    loss = pg_loss - cfg.entropy_coef * entropy_share
+                    if cfg.kl_mode == "loss":
+                        loss = loss + self.kl_ctl.value * (kl_estimate(logprobs, part.ref_logprobs, cfg.kl_estimator) * part.mask).sum() / mask_tokens
+                self.accelerator.backward(loss)
+                _add(stats, {"loss/policy": float(loss.detach())}, 1.0)  # micro-batch losses add up to the minibatch loss
+                _add(stats, {"entropy": float(entropy_share.detach())}, 1.0)  # shares add up to the minibatch's token mean
+                _add(stats, {k: float(v) for k, v in pstats.items()}, weight)
+                if self.critic is not None:
+                    with self.accelerator.autocast():
+                        values = critic_forward(self.critic, part)
+                        vloss, vstats = value_loss(values, part.values, part.returns, part.mask, cfg.value_clip_eps)
+                    self.accelerator.backward(vloss * weight)
+                    _add(stats, {"loss/value": float(vloss.detach()), "value_clip_frac": float(vstats["clip_frac"])}, weight)
         max_norm = self.recipe.optimizer.max_grad_norm
         if max_norm > 0:
             stats["grad_norm"] = float(self.accelerator.clip_grad_norm_(self.policy.parameters(), max_norm))
