@@ -103,6 +103,8 @@ def launched(recipe, command: str, num_processes: int | None) -> None:
 
     code = maybe_launch(recipe, command, num_processes)
     if code is not None:
+        if code != 0:
+            typer.echo(f"error: the worker processes failed (exit code {code}); their output is above", err=True)
         raise typer.Exit(code)
 
 

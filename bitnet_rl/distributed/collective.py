@@ -111,3 +111,28 @@ def skip_grad_sync(accelerator, models, sync: bool):
             if model is not None:
                 stack.enter_context(accelerator.no_sync(model))
     return stack
+
+
+def forward_through(model, fn: Callable[..., T], **inputs) -> T:
+    """`fn(inner, **inputs)` run as the forward pass of `model`, where `inner` is the plain module.
+
+    Code that calls parts of a model (the backbone, then a head) must still enter through the
+    wrapper's forward: DDP only all-reduces the gradients of a backward whose forward went through
+    it (otherwise the ranks silently drift apart), and FSDP2 gathers the root's shards (embeddings,
+    heads) in the root's forward hooks. The plain module's `forward` is replaced for this one call.
+    Without a wrapper or shards this is just `fn(model, **inputs)`.
+    """
+    from torch.distributed.fsdp import FSDPModule
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(model, DistributedDataParallel):
+        inner = model.module
+    elif isinstance(model, FSDPModule):
+        inner = model
+    else:
+        return fn(model, **inputs)
+    inner.forward = lambda **kwargs: fn(inner, **kwargs)  # an instance attribute shadows the class's forward
+    try:
+        return model(**inputs)
+    finally:
+        del inner.forward

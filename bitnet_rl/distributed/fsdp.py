@@ -106,17 +106,31 @@ def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> 
 
 
 def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    """Load a state saved by `full_optimizer_state` (name-keyed or index-keyed) into a sharded or
-    plain optimizer, on any number of processes."""
+    """Load a state saved by `full_optimizer_state` (name-keyed when written under FSDP2, index-keyed
+    otherwise) into a sharded or plain optimizer, on any number of processes."""
     name_keyed = any(isinstance(k, str) for k in state.get("state", {}))
-    if not name_keyed and not is_sharded(model):
-        optimizer.load_state_dict(state)
+    if not is_sharded(model):
+        optimizer.load_state_dict(_indexed(model, optimizer, state) if name_keyed else state)
         return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
     if not name_keyed:
         raise UserError("this checkpoint's optimizer state is index-keyed (written without FSDP2); resume it with distributed.strategy=ddp")
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+def _indexed(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> dict[str, Any]:
+    """A name-keyed optimizer state dict as `Optimizer.load_state_dict` wants it: parameters numbered
+    in the optimizer's own order, names matched without a DDP wrapper's `module.` prefix."""
+    names = {id(p): name.removeprefix("module.") for name, p in model.named_parameters()}
+    ordered = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    index = {name: i for i, name in enumerate(ordered)}
+    saved = {name for group in state["param_groups"] for name in group["params"]}
+    if saved != set(ordered):
+        different = sorted(saved ^ set(ordered))
+        raise UserError(f"the checkpoint's optimizer state does not match the model's parameters (e.g. {different[0]})")
+    groups = [{**group, "params": [index[name] for name in group["params"]]} for group in state["param_groups"]]
+    return {"state": {index[name]: value for name, value in state["state"].items()}, "param_groups": groups}
 
 
 def load_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
