@@ -40,6 +40,14 @@ def all_reduce_max(accelerator, value: float) -> float:
     return float(out[0])
 
 
+def all_ranks(accelerator) -> Callable[[bool], bool]:
+    """`flag ↦ True when every rank's flag is True` (one all-reduce per call; `bool` in one process)."""
+    if accelerator.num_processes == 1:
+        return bool
+    reduce = all_reduce_sum(accelerator)
+    return lambda flag: float(reduce(torch.tensor([0.0 if flag else 1.0]))[0]) == 0.0
+
+
 def main_then_wait(accelerator, fn: Callable[[], T]) -> T | None:
     """Everyone reaches this point, the main process runs `fn`, everyone waits for it.
 

@@ -23,8 +23,8 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from bitnet_rl.distributed.collective import all_reduce_sum, gather_rows, main_then_wait, reduce_rollout_stats, skip_grad_sync
-from bitnet_rl.distributed.fsdp import full_model_state, full_optimizer_state, gathered_params, load_optimizer_state
+from bitnet_rl.distributed.collective import all_ranks, all_reduce_sum, gather_rows, main_then_wait, reduce_rollout_stats, skip_grad_sync
+from bitnet_rl.distributed.fsdp import check_uniform_dtypes, full_model_state, full_optimizer_state, gathered_params, load_optimizer_state
 from bitnet_rl.distributed.reduce import loss_denominator, weighted_means
 from bitnet_rl.data.prompts import encode_prompt, load_prompts, rollout_prompt_ids
 from bitnet_rl.errors import UserError
@@ -134,6 +134,8 @@ class PPOTrainer:
             enable_checkpointing(self.policy)
             if self.critic is not None:
                 enable_checkpointing(self.critic)
+        if recipe.distributed.strategy == "fsdp2":
+            check_uniform_dtypes(self.policy)
         self.optimizer = build_optimizer(self.policy, recipe)
         self.scheduler = build_scheduler(self.optimizer, recipe, total_steps=self.total_optimizer_steps())
         self.policy, self.optimizer = self.accelerator.prepare(self.policy, self.optimizer)
@@ -144,12 +146,13 @@ class PPOTrainer:
         self.kl_ctl = kl_controller(cfg)
         self.state = LoopState()
         max_prompt = max(len(p) for p in self.prompt_ids + [encode_prompt(self.tokenizer, p, self.chat) for p in self.eval_prompts])
-        self.generator = lora_generator(lambda: make_generator(  # with LoRA, syncs re-pack Q(W + s·B·A)
-            self.unwrapped,
-            backend=recipe.rollout.backend,
-            max_batch_size=cfg.prompts_per_iteration * cfg.samples_per_prompt,
-            max_seq_len=max_prompt + recipe.rollout.max_new_tokens,
-        ), self.unwrapped)
+        with gathered_params(self.unwrapped):  # FSDP2: the generator packs the full weights
+            self.generator = lora_generator(lambda: make_generator(  # with LoRA, syncs re-pack Q(W + s·B·A)
+                self.unwrapped,
+                backend=recipe.rollout.backend,
+                max_batch_size=cfg.prompts_per_iteration * cfg.samples_per_prompt,
+                max_seq_len=max_prompt + recipe.rollout.max_new_tokens,
+            ), self.unwrapped)
         self.evaluate = make_evaluator(recipe, self.tokenizer, self.reward, self.generator, self.eval_prompts, self.chat)
         self.codes = code_snapshot(self.unwrapped) if recipe.logging.health_every else None
 
@@ -197,7 +200,7 @@ class PPOTrainer:
             seed = self.recipe.train.seed * 100_003 + iteration * acc.num_processes + acc.process_index + round_index * 7_919_113
             return sample_round(self.generator, self.tokenizer, self.reward, prompts, prompt_ids, cfg, self.recipe.rollout, seed, device)
 
-        sampled = sample_groups(round_fn, cfg)
+        sampled = sample_groups(round_fn, cfg, everyone=all_ranks(acc))  # as many rounds on every rank
         t1 = time.perf_counter()
         exp = experience_from_rollout(sampled.out, sampled.scores, device)
         mask = exp.mask
