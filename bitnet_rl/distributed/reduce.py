@@ -87,3 +87,11 @@ def weighted_means(stats: Mapping[str, float], weights: Mapping[str, float], all
     both = all_reduce(torch.cat([w * v, w]))
     sums, totals = both[: len(keys)], both[len(keys) :]
     return {k: float(s / t) if t > 0 else float(stats[k]) for k, s, t in zip(keys, sums, totals)}
+
+
+def global_explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, all_reduce: AllReduce = local_only) -> torch.Tensor:
+    """`rl.losses.explained_variance` over all ranks' valid tokens: 1 − Var[R − V] / Var[R]
+    (unbiased variances from `global_masked_moments`). (B, T) x3 -> scalar."""
+    _, residual_var, _ = global_masked_moments(returns - values, mask, all_reduce)
+    _, returns_var, _ = global_masked_moments(returns, mask, all_reduce)
+    return 1.0 - residual_var / returns_var

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from bitnet_rl.distributed.collective import all_ranks, all_reduce_sum, gather_rows, main_then_wait, reduce_rollout_stats, skip_grad_sync
 from bitnet_rl.distributed.fsdp import check_uniform_dtypes, full_model_state, full_optimizer_state, gathered_params, load_optimizer_state
-from bitnet_rl.distributed.reduce import loss_denominator, weighted_means
+from bitnet_rl.distributed.reduce import global_explained_variance, loss_denominator, weighted_means
 from bitnet_rl.data.prompts import encode_prompt, load_prompts, rollout_prompt_ids
 from bitnet_rl.errors import UserError
 from bitnet_rl.lora.apply import finish_lora
@@ -47,7 +47,7 @@ from bitnet_rl.rl.estimators import (
     estimate_advantages,
 )
 from bitnet_rl.rl.kl import AdaptiveKLController, FixedKLController, kl_estimate
-from bitnet_rl.rl.losses import explained_variance, ppo_policy_loss, value_loss
+from bitnet_rl.rl.losses import ppo_policy_loss, value_loss
 from bitnet_rl.rl.shaping import group_reward_stats
 from bitnet_rl.rollout import make_generator
 from bitnet_rl.train.experience import (
@@ -344,7 +344,7 @@ class PPOTrainer:
             self.kl_ctl.update(stats["kl"], len(exp))
             record = {"step": iteration, "optimizer_step": self.state.step, **stats, **update_stats, "time/train": time.perf_counter() - t0}
             if self.critic is not None:
-                record["explained_variance"] = float(explained_variance(exp.values, exp.returns, exp.mask))
+                record["explained_variance"] = float(global_explained_variance(exp.values, exp.returns, exp.mask, all_reduce_sum(acc)))
             record["sample"] = completions[0]
             last = iteration == cfg.iterations
             if evaluate is not None and ((cfg.eval_every and iteration % cfg.eval_every == 0) or last):

@@ -12,7 +12,6 @@ from accelerate import PartialState
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
-from bitnet_rl.distributed.collective import forward_through
 from bitnet_rl.distributed.fsdp import full_model_state, full_optimizer_state, gathered_params, is_sharded
 from bitnet_rl.models.build import build_policy
 from bitnet_rl.models.io import save_checkpoint

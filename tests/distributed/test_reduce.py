@@ -11,6 +11,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from fake_ranks import run_ranks, split_rows  # noqa: E402
 
 from bitnet_rl.distributed.reduce import (  # noqa: E402
+    global_explained_variance,
     global_masked_whiten,
     global_whiten_per_sequence,
     loss_denominator,
@@ -19,7 +20,7 @@ from bitnet_rl.distributed.reduce import (  # noqa: E402
 )
 from bitnet_rl.rl.advantages import masked_whiten  # noqa: E402
 from bitnet_rl.rl.estimators import AdvantageInputs, estimate_advantages, whiten_per_sequence  # noqa: E402
-from bitnet_rl.rl.losses import ppo_policy_loss  # noqa: E402
+from bitnet_rl.rl.losses import explained_variance, ppo_policy_loss  # noqa: E402
 
 
 def _ragged(rows: int, width: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,3 +106,12 @@ def test_weighted_means_across_ranks():
     assert out[0]["reward"] == pytest.approx((2.0 * 3 + 5.0) / 4)
     assert out[0]["clip"] == pytest.approx((0.5 * 10 + 30) / 40)
     assert out[0]["lr"] == pytest.approx(0.1)
+
+
+def test_explained_variance_across_ranks():
+    returns, mask = _ragged(6, 5, seed=8)
+    values = returns + torch.randn(6, 5, generator=torch.Generator().manual_seed(9))
+    sizes = (2, 4)
+    parts = run_ranks(lambda r, reduce: global_explained_variance(*(split_rows(t, sizes)[r] for t in (values, returns, mask)), reduce), 2)
+    assert float(parts[0]) == pytest.approx(float(parts[1]))
+    assert float(parts[0]) == pytest.approx(float(explained_variance(values, returns, mask)), rel=1e-5)
