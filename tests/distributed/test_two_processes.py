@@ -92,6 +92,26 @@ def test_checkpoint_of_two_processes_resumes_in_one(sft_runs, tmp_path):
         assert _close(x["loss"], y["loss"]) and _close(x["grad_norm"], y["grad_norm"]), (x, y)
 
 
+def test_reward_model_two_processes_match_one_process(sft_runs, tmp_path):
+    """A reward model reads its head on its backbone: under DDP that pass must go through the
+    wrapper's forward, or the ranks' gradients are never averaged and the runs drift apart."""
+    from bitnet_rl.train.rm import run_rm
+
+    one, _, _ = sft_runs
+    args = ["--prefs", "demo", "--model", str(one / "final"), "train.max_steps=4", "data.demo_size=120", "logging.progress=false", "logging.every=1"]
+    cmd = [sys.executable, "-m", "bitnet_rl.cli", "rm", *args, "train.batch_size=4", "--num-processes", "2", "--out", str(tmp_path / "two")]
+    done = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    overrides = [a for a in args[4:]] + ["train.batch_size=8", f"out={tmp_path / 'one'}", "data.path=demo", f"model.path={one / 'final'}"]
+    run_rm(load_recipe(None, overrides, stage="rm"))
+    a, b = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
+    assert len(a) == len(b) >= 4
+    for x, y in zip(a, b):
+        for key in ("loss", "grad_norm", "val_loss", "val_accuracy"):
+            if key in x:
+                assert _close(x[key], y[key], key=key), (key, x["step"], x[key], y[key])
+
+
 def _grpo_recipe(model: Path, out: Path, processes: int):
     per_rank = PROMPTS // processes
     return load_recipe("recipes/tiny/grpo.yaml", [
