@@ -265,7 +265,8 @@ class PPOTrainer:
         if self.accelerator.num_processes == 1:
             return means
         tokens = float(exp.loss_mask.sum())  # token means weigh by tokens; loss and entropy are shares of the global mean already
-        return weighted_means(means, {k: (1.0 if k in ("loss/policy", "entropy") else tokens) for k in means}, all_reduce_sum(self.accelerator))
+        shares = ("loss/policy", "loss/value", "entropy")
+        return weighted_means(means, {k: (1.0 if k in shares else tokens) for k in means}, all_reduce_sum(self.accelerator))
 
     def _minibatch_step(self, exp: Experience, rows: torch.Tensor) -> dict[str, float]:
         cfg = self.cfg
@@ -297,8 +298,10 @@ class PPOTrainer:
                     with self.accelerator.autocast():
                         values = critic_forward(self.critic, part)
                         vloss, vstats = value_loss(values, part.values, part.returns, part.mask, cfg.value_clip_eps)
-                    self.accelerator.backward(vloss * weight)
-                    _add(stats, {"loss/value": float(vloss.detach()), "value_clip_frac": float(vstats["clip_frac"])}, weight)
+                    value_share = vloss * part.mask.sum() / mask_tokens  # token mean over the (global) minibatch
+                    self.accelerator.backward(value_share)
+                    _add(stats, {"loss/value": float(value_share.detach())}, 1.0)
+                    _add(stats, {"value_clip_frac": float(vstats["clip_frac"])}, weight)
         max_norm = self.recipe.optimizer.max_grad_norm
         if max_norm > 0:
             stats["grad_norm"] = float(self.accelerator.clip_grad_norm_(self.policy.parameters(), max_norm))
