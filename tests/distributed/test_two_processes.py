@@ -1,13 +1,15 @@
 """Two gloo processes through `accelerate launch` train exactly what one process trains on the same
-global batch: SFT through `bitnet-rl sft --num-processes 2`, GRPO through a worker script with
-row-seeded sampling (row_seeded.py); a checkpoint written by 2 processes resumes in 1.
+global batch: SFT and reward models through `bitnet-rl CMD --num-processes 2`, GRPO and PPO with a critic
+(GAE) through a worker script with row-seeded sampling (row_seeded.py); a checkpoint written by 2 processes resumes in 1.
 
-Measured (CPU, torch 2.13, `pytest -s` prints every gap): SFT loss and grad norm agree to a
-relative 7e-7 over 6 steps (asserted: 1e-4); GRPO reward, policy loss, KL, entropy and grad norm
-to 7e-7 in the first two iterations and 4.4e-5 in the third (asserted: 1e-3, absolute 1e-5): float
-summation order differs between one and two processes, and ternary rounding of the weights
-amplifies it step by step. For scale, the naive port (each rank's own token mean, averaged by
-DDP) was off by a relative 8e-4 in SFT loss and 1.6e-2 in grad norm within 6 steps.
+Measured (CPU, torch 2.13, `pytest -s` prints every gap): SFT loss and grad norm agree to a relative
+7e-7 over 6 steps, the reward model to 1e-7, GRPO's reward, reward std, KL, policy loss, entropy and
+grad norm to an absolute 5e-7 over 3 iterations, PPO-GAE's (with value loss and explained variance)
+to a relative 3.4e-6. Asserted: relative 1e-4 (absolute 1e-5 near 0). The gaps are float summation
+order; ternary rounding of the weights can amplify them step by step, so longer runs drift. For
+scale, the naive port (each rank's own token mean, averaged by DDP) was off by a relative 8e-4 in
+SFT loss and 1.6e-2 in grad norm within 6 steps, and a reward model whose backbone pass skipped
+the DDP forward by 0.45 in its first grad norm.
 """
 
 import json
@@ -112,43 +114,68 @@ def test_reward_model_two_processes_match_one_process(sft_runs, tmp_path):
                 assert _close(x[key], y[key], key=key), (key, x["step"], x[key], y[key])
 
 
-def _grpo_recipe(model: Path, out: Path, processes: int):
-    per_rank = PROMPTS // processes
-    return load_recipe("recipes/tiny/grpo.yaml", [
+def _rl_recipe(advantage: str, model: Path, out: Path, processes: int):
+    """GRPO (groups of 4, KL as a loss) or PPO with a critic (GAE, whitened advantages), same global batch."""
+    group = GROUP if advantage == "grpo" else 1
+    prompts = PROMPTS if advantage == "grpo" else 16
+    per_rank = prompts // processes
+    base = "recipes/tiny/grpo.yaml" if advantage == "grpo" else "recipes/tiny/ppo.yaml"
+    return load_recipe(base, [
         f"out={out}", f"model.path={model}", "rollout.max_new_tokens=8", f"ppo.prompts_per_iteration={per_rank}",
-        f"ppo.samples_per_prompt={GROUP}", f"ppo.minibatch_size={per_rank * GROUP}", f"ppo.micro_batch_size={per_rank * GROUP // 2}",
+        f"ppo.samples_per_prompt={group}", f"ppo.minibatch_size={per_rank * group}", f"ppo.micro_batch_size={per_rank * group // 2}",
         "ppo.iterations=3", "ppo.eval_prompts=0", "ppo.num_prompts=64", "logging.progress=false", "logging.health_every=2",
         "scheduler.warmup_steps=0", "optimizer.lr=0.001", "checkpoint.every=0",
     ], stage="ppo")  # fmt: skip
 
 
-def test_grpo_two_processes_match_one_process(tmp_path, monkeypatch):
-    sys.path.insert(0, str(Path(__file__).parent))
-    from row_seeded import patch
+RL_KEYS = {
+    "grpo": ("reward", "reward_std", "frac_reward_zero_std", "kl", "loss/policy", "grad_norm", "entropy", "response_length", "clip_ratio", "mismatch/kl_k3"),
+    "gae": ("reward", "kl", "loss/value", "grad_norm", "entropy", "explained_variance", "response_length"),
+}
 
-    from bitnet_rl.train.ppo import run_ppo
+
+@pytest.fixture(scope="module")
+def rl_runs(tmp_path_factory):
+    """GRPO and PPO-GAE from one SFT policy, by 2 processes (one launch) and by 1 process (here)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    import row_seeded
+
+    import bitnet_rl.train.ppo as ppo
     from bitnet_rl.train.sft import run_sft
 
-    sft = tmp_path / "sft"  # a policy that gets some reward, so groups have spread
+    root = tmp_path_factory.mktemp("distributed_rl")
+    sft = root / "sft"  # a policy that gets some reward, so groups have spread
     run_sft(load_recipe("recipes/tiny/sft.yaml", ["train.max_steps=40", "data.demo_size=1000", "quant.schedule.warmup_steps=20",
                                                     "logging.progress=false", "checkpoint.every=0", f"out={sft}"], stage="sft"))  # fmt: skip
-    spec = tmp_path / "two.json"
-    spec.write_text(_grpo_recipe(sft / "final", tmp_path / "two", 2).model_dump_json())
+    specs = []
+    for advantage in RL_KEYS:
+        spec = root / f"{advantage}-two.json"
+        spec.write_text(_rl_recipe(advantage, sft / "final", root / f"{advantage}-two", 2).model_dump_json())
+        specs.append(str(spec))
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_port()), str(Path(__file__).parent / "grpo_worker.py"), str(spec)]  # fmt: skip
-    done = subprocess.run(cmd, cwd=ROOT, env={**_env(), "ACCELERATE_USE_CPU": "true"}, capture_output=True, text=True, timeout=300)
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_port()), str(Path(__file__).parent / "rl_worker.py"), *specs]  # fmt: skip
+    done = subprocess.run(cmd, cwd=ROOT, env={**_env(), "ACCELERATE_USE_CPU": "true"}, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-    import bitnet_rl.train.ppo as ppo
+    make_generator = ppo.make_generator
+    try:
+        for advantage in RL_KEYS:
+            ppo.make_generator = make_generator
+            row_seeded.patch(GROUP if advantage == "grpo" else 1)
+            ppo.run_ppo(_rl_recipe(advantage, sft / "final", root / f"{advantage}-one", 1))
+    finally:
+        ppo.make_generator = make_generator
+    return root
 
-    monkeypatch.setattr(ppo, "make_generator", ppo.make_generator)  # restored after the test
-    patch(GROUP)
-    run_ppo(_grpo_recipe(sft / "final", tmp_path / "one", 1))
-    a, b = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
+
+@pytest.mark.parametrize("advantage", list(RL_KEYS))
+def test_rl_two_processes_match_one_process(rl_runs, advantage):
+    a, b = _metrics(rl_runs / f"{advantage}-one"), _metrics(rl_runs / f"{advantage}-two")
     assert len(a) == len(b) == 3
-    assert any(x["reward_std"] > 0.05 for x in a)  # groups with spread: the advantages are not all zero
+    if advantage == "grpo":
+        assert any(x["reward_std"] > 0.05 for x in a)  # groups with spread: the advantages are not all zero
     for x, y in zip(a, b):
-        for key in ("reward", "reward_std", "frac_reward_zero_std", "kl", "loss/policy", "grad_norm", "entropy", "response_length", "clip_ratio", "mismatch/kl_k3"):
-            assert _close(x[key], y[key], rel=1e-3, key=key), (key, x["step"], x[key], y[key])
+        for key in RL_KEYS[advantage]:
+            assert _close(x[key], y[key], key=key), (key, x["step"], x[key], y[key])
     assert a[0]["reward"] != a[-1]["reward"]  # the policy changed between iterations
 
 
