@@ -294,11 +294,10 @@ def train(stage: Stage, recipe: Recipe, resume: str | None = None, overwrite: bo
     accelerator.wait_for_everyone()
     final = out_dir / "final"
     full_state, optimizer_state = full_model_state(model), full_optimizer_state(model, optimizer)  # collective under FSDP2
+    model.eval()
+    files = stage.final_files(unwrapped) if stage.final_files is not None else {}  # every rank: forwards are collective under FSDP2
     if accelerator.is_main_process:
-        extra = {"trainer_state": _state_writer(optimizer_state, scheduler, state)}
-        if stage.final_files is not None:
-            model.eval()
-            extra.update(stage.final_files(unwrapped))
+        extra = {"trainer_state": _state_writer(optimizer_state, scheduler, state), **files}
         extra.update(finish_lora(unwrapped, recipe.lora))  # merged ternary model, or base + adapter/
         save_checkpoint(unwrapped, stage.tokenizer, final, extra=extra, state_dict=full_state)
     accelerator.wait_for_everyone()  # every rank returns once final/ is complete
