@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from bitnet_rl.recipe import load_recipe
+from bitnet_rl.recipe import RewardSpec, load_recipe
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -152,6 +152,10 @@ def rl_runs(tmp_path_factory):
         spec = root / f"{advantage}-two.json"
         spec.write_text(_rl_recipe(advantage, sft / "final", root / f"{advantage}-two", 2).model_dump_json())
         specs.append(str(spec))
+    failing = _rl_recipe("grpo", sft / "final", root / "reward-error", 2)
+    failing.ppo.rewards = [RewardSpec(source=f"python:{Path(__file__).parent / 'rank_one_reward.py'}:reward")]
+    (root / "reward-error.json").write_text(failing.model_dump_json())
+    specs.append(str(root / "reward-error.json"))
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_port()), str(Path(__file__).parent / "rl_worker.py"), *specs]  # fmt: skip
     done = subprocess.run(cmd, cwd=ROOT, env={**_env(), "ACCELERATE_USE_CPU": "true"}, capture_output=True, text=True, timeout=400)
@@ -177,6 +181,16 @@ def test_rl_two_processes_match_one_process(rl_runs, advantage):
         for key in RL_KEYS[advantage]:
             assert _close(x[key], y[key], key=key), (key, x["step"], x[key], y[key])
     assert a[0]["reward"] != a[-1]["reward"]  # the policy changed between iterations
+
+
+def test_reward_error_in_one_process_stops_both_after_one_checkpoint(rl_runs):
+    """The reward fails in rank 1 only: both ranks stop (no hang in the next collective) and the
+    main process leaves the usual before-reward-error checkpoint."""
+    out = rl_runs / "reward-error"
+    assert "rank_one_reward.py:reward: non-finite" in (out / "stopped-1").read_text()
+    assert "failed in another process" in (out / "stopped-0").read_text()
+    saved = list((out / "checkpoints").glob("*before-reward-error"))
+    assert len(saved) == 1 and (saved[0] / "trainer_state" / "state.json").is_file()
 
 
 def _port() -> int:
