@@ -75,15 +75,19 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def launch_command(command_argv: Sequence[str], num_processes: int, mixed_precision: str, accelerate_config: str | None, port: int) -> list[str]:
-    """The `accelerate launch` command line that runs `bitnet-rl COMMAND_ARGV` in each worker."""
+def launch_command(command_argv: Sequence[str], num_processes: int | None, mixed_precision: str, accelerate_config: str | None, port: int) -> list[str]:
+    """The `accelerate launch` command line that runs `bitnet-rl COMMAND_ARGV` in each worker.
+
+    With an accelerate config file and `num_processes` None, the file says how many processes."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch"]
     if accelerate_config is not None:
         cmd += ["--config_file", accelerate_config]
     else:
         cmd += ["--multi_gpu", "--num_machines", "1", "--dynamo_backend", "no", "--main_process_port", str(port)]
-    cmd += ["--num_processes", str(num_processes), "--mixed_precision", mixed_precision]
-    return cmd + ["-m", "bitnet_rl.cli", *command_argv, f"distributed.num_processes={num_processes}"]
+    if num_processes is not None:
+        cmd += ["--num_processes", str(num_processes)]
+    cmd += ["--mixed_precision", mixed_precision, "-m", "bitnet_rl.cli", *command_argv]
+    return cmd + ([f"distributed.num_processes={num_processes}"] if num_processes is not None else [])
 
 
 def worker_env(base: Mapping[str, str], cuda: bool) -> dict[str, str]:
@@ -112,5 +116,7 @@ def maybe_launch(recipe, command: str, flag_value: int | None, argv: Sequence[st
     if num_processes == 1 and dist.accelerate_config is None:
         return None
     command_argv = strip_flag(list(argv if argv is not None else sys.argv[1:]))
-    cmd = launch_command(command_argv, num_processes, recipe.train.mixed_precision, dist.accelerate_config, free_port())
+    explicit = flag_value is not None or "num_processes" in dist.model_fields_set
+    count = num_processes if explicit or dist.accelerate_config is None else None  # else the config file's
+    cmd = launch_command(command_argv, count, recipe.train.mixed_precision, dist.accelerate_config, free_port())
     return subprocess.run(cmd, env=worker_env(os.environ, cuda=gpus > 0)).returncode

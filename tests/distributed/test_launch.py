@@ -26,6 +26,8 @@ def test_launch_command_reruns_the_cli_in_workers():
         assert cmd[cmd.index(flag) + 1] == value
     with_config = launch_command(["ppo"], 4, "no", "acc.yaml", port=1)
     assert with_config[with_config.index("--config_file") + 1] == "acc.yaml" and "--main_process_port" not in with_config
+    from_config = launch_command(["ppo"], None, "no", "acc.yaml", port=1)  # the file says how many
+    assert "--num_processes" not in from_config and from_config[-1] == "ppo"
 
 
 def test_worker_env_turns_multicast_off_and_picks_gloo_on_cpu():
