@@ -154,7 +154,8 @@ class PPOTrainer:
                 max_seq_len=max_prompt + recipe.rollout.max_new_tokens,
             ), self.unwrapped)
         self.evaluate = make_evaluator(recipe, self.tokenizer, self.reward, self.generator, self.eval_prompts, self.chat)
-        self.codes = code_snapshot(self.unwrapped) if recipe.logging.health_every else None
+        with gathered_params(self.unwrapped):
+            self.codes = code_snapshot(self.unwrapped) if recipe.logging.health_every else None
 
     def total_optimizer_steps(self) -> int:
         cfg = self.cfg
@@ -425,7 +426,8 @@ class PPOTrainer:
         self.state = LoopState(**saved)
         self.kl_ctl.load_state_dict(extra["kl_ctl"])
         if self.codes is not None:
-            self.codes = code_snapshot(self.unwrapped)
+            with gathered_params(self.unwrapped):
+                self.codes = code_snapshot(self.unwrapped)
         return int(extra["iteration"])
 
 

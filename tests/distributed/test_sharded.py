@@ -1,12 +1,10 @@
-"""Two gloo processes (sharded_worker.py, fsdp_sft_worker.py): DDP syncs gradients only through the wrapper's forward,
+"""Two gloo processes (sharded_worker.py, fsdp_worker.py): DDP syncs gradients only through the wrapper's forward,
 which `forward_through` provides for the reward model's and critic's head-on-backbone pass; a tiny
 BitNet sharded with FSDP2 trains one step, its full weights feed the packed generator and an
 ordinary HF checkpoint, and its full optimizer state resumes in one process; the SFT loop itself runs
 with the policy sharded. The reference is one process training on both ranks' data."""
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,21 +13,14 @@ import torch
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
-ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).parent))
+from harness import GROUP, launch, rl_recipe  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def worker_out(tmp_path_factory):
-    from bitnet_rl.distributed.launch import free_port
-
     out = tmp_path_factory.mktemp("sharded")
-    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE")}
-    env.update(PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="true")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-           str(Path(__file__).parent / "sharded_worker.py"), str(out)]  # fmt: skip
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    launch("sharded_worker.py", str(out))
     return out, json.loads((out / "report.json").read_text())
 
 
@@ -102,24 +93,27 @@ def _metrics(run: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def fsdp_sft(tmp_path_factory):
-    """The SFT loop on 2 processes with the policy sharded (fsdp_sft_worker.py), and on 1 process
-    with the same global batch."""
-    from bitnet_rl.distributed.launch import free_port
+def fsdp_runs(tmp_path_factory, rl_policy):
+    """On 2 processes with the policy sharded (fsdp_worker.py, one launch): the SFT loop, then GRPO.
+    On 1 process, the same global batches."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    import row_seeded
+
+    import bitnet_rl.train.ppo as ppo
     from bitnet_rl.recipe import load_recipe
     from bitnet_rl.train.sft import run_sft
 
-    root = tmp_path_factory.mktemp("fsdp_sft")
-    spec = root / "two.json"
-    spec.write_text(load_recipe("recipes/tiny/sft.yaml", [*SFT, "train.batch_size=8", f"out={root / 'two'}"], stage="sft").model_dump_json())
-    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE")}
-    env.update(PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="true")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-           str(Path(__file__).parent / "fsdp_sft_worker.py"), str(spec)]  # fmt: skip
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    root = tmp_path_factory.mktemp("fsdp")
+    (root / "sft.json").write_text(load_recipe("recipes/tiny/sft.yaml", [*SFT, "train.batch_size=8", f"out={root / 'two'}"], stage="sft").model_dump_json())
+    (root / "grpo.json").write_text(rl_recipe("grpo", rl_policy, root / "grpo-two", 2).model_dump_json())
+    launch("fsdp_worker.py", f"sft:{root / 'sft.json'}", f"ppo:{root / 'grpo.json'}")
     run_sft(load_recipe("recipes/tiny/sft.yaml", [*SFT, "train.batch_size=16", f"out={root / 'one'}"], stage="sft"))
+    make_generator = ppo.make_generator
+    try:
+        row_seeded.patch(GROUP)
+        ppo.run_ppo(rl_recipe("grpo", rl_policy, root / "grpo-one", 1))
+    finally:
+        ppo.make_generator = make_generator
     return root
 
 
@@ -127,10 +121,10 @@ def _close(a: float, b: float, rel: float) -> bool:
     return abs(a - b) <= max(1e-5, rel * max(abs(a), abs(b)))
 
 
-def test_fsdp2_sft_loop_matches_one_process(fsdp_sft):
+def test_fsdp2_sft_loop_matches_one_process(fsdp_runs):
     """Measured: loss within a relative 2e-5 and grad norm 4e-4 over 6 steps (reduce-scatter sums in
     another order than one process, and ternary rounding amplifies it); asserted 3e-3."""
-    a, b = _metrics(fsdp_sft / "one"), _metrics(fsdp_sft / "two")
+    a, b = _metrics(fsdp_runs / "one"), _metrics(fsdp_runs / "two")
     assert [r["step"] for r in b] == list(range(7))
     for x, y in zip(a[1:], b[1:]):
         for key in ("loss", "grad_norm", "flip_rate"):
@@ -138,7 +132,7 @@ def test_fsdp2_sft_loop_matches_one_process(fsdp_sft):
                 assert _close(x[key], y[key], 3e-3), (key, x["step"], x[key], y[key])
 
 
-def test_fsdp2_checkpoint_resumes_in_one_process(fsdp_sft, tmp_path):
+def test_fsdp2_checkpoint_resumes_in_one_process(fsdp_runs, tmp_path):
     """The sharded run's step-3 checkpoint (full weights, name-keyed optimizer state) continues in one
     process like the one-process run (as close as the sharded run itself: its step-3 weights carry the
     reduce-scatter's rounding), and its final/ is a directory plain transformers loads."""
@@ -149,15 +143,34 @@ def test_fsdp2_checkpoint_resumes_in_one_process(fsdp_sft, tmp_path):
     from bitnet_rl.recipe import load_recipe
     from bitnet_rl.train.sft import run_sft
 
-    final = AutoModelForCausalLM.from_pretrained(fsdp_sft / "two" / "final", dtype=torch.float32)
-    one = AutoModelForCausalLM.from_pretrained(fsdp_sft / "one" / "final", dtype=torch.float32)
+    final = AutoModelForCausalLM.from_pretrained(fsdp_runs / "two" / "final", dtype=torch.float32)
+    one = AutoModelForCausalLM.from_pretrained(fsdp_runs / "one" / "final", dtype=torch.float32)
     assert {n for n, _ in final.named_parameters()} == {n for n, _ in one.named_parameters()}
     resumed = tmp_path / "resumed"
-    shutil.copytree(fsdp_sft / "two", resumed)
+    shutil.copytree(fsdp_runs / "two", resumed)
     state = torch.load(resumed / "checkpoints" / "step-0000003" / "trainer_state" / "optimizer.pt", weights_only=True)
     assert all(isinstance(key, str) for key in state["state"])  # written from shards: keyed by name
     with pytest.warns(UserWarning, match="recipe that differs"):
         run_sft(load_recipe("recipes/tiny/sft.yaml", [*SFT, "train.batch_size=16", f"out={resumed}"], stage="sft"), resume=str(resumed / "checkpoints" / "step-0000003"))
-    a, r = _metrics(fsdp_sft / "one"), _metrics(resumed)
+    a, r = _metrics(fsdp_runs / "one"), _metrics(resumed)
     for x, y in zip(a[4:], r[4:]):
         assert _close(x["loss"], y["loss"], 3e-3) and _close(x["grad_norm"], y["grad_norm"], 3e-3), (x, y)  # measured 1.6e-4
+
+
+def test_fsdp2_grpo_follows_one_process(fsdp_runs):
+    """GRPO with the policy sharded: the packed generator is built and re-synced from the gathered
+    weights, so with row-seeded sampling it draws the same completions (the same rewards) as one
+    process. Measured: iteration 1 equal to 1e-6 (the same weights); afterwards rewards equal, KL
+    within 4% and grad norm within 7% at iteration 3: reduce-scatter rounds differently, and a few
+    ternary codes land on the other side of a rounding boundary (flip rates differ by 1e-5)."""
+    a, b = _metrics(fsdp_runs / "grpo-one"), _metrics(fsdp_runs / "grpo-two")
+    assert len(a) == len(b) == 3
+    assert _close(a[1]["flip_rate"], b[1]["flip_rate"], 0.01) and b[1]["flip_rate"] > 0  # ternary health read from gathered shards
+    for key in ("reward", "kl", "loss/policy", "grad_norm", "entropy"):
+        assert _close(a[0][key], b[0][key], 1e-4), (key, a[0][key], b[0][key])
+    for x, y in zip(a[1:], b[1:]):
+        assert _close(x["reward"], y["reward"], 1e-4), (x["step"], x["reward"], y["reward"])  # same samples: the generator follows the shards
+        for key in ("kl", "grad_norm", "entropy"):
+            assert _close(x[key], y[key], 0.15), (key, x["step"], x[key], y[key])
+    assert a[0]["reward"] != a[-1]["reward"]
+    assert (fsdp_runs / "grpo-two" / "final" / "model.safetensors").is_file()

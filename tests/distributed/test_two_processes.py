@@ -23,11 +23,13 @@ import pytest
 
 from bitnet_rl.recipe import RewardSpec, load_recipe
 
+sys.path.insert(0, str(Path(__file__).parent))
+from harness import GROUP, launch, rl_recipe  # noqa: E402
+
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 ROOT = Path(__file__).resolve().parents[2]
 SFT = ["train.max_steps=6", "data.demo_size=200", "logging.every=1", "checkpoint.every=3", "logging.progress=false", "logging.health_every=3"]
-GROUP, PROMPTS = 4, 4
 
 
 def _env() -> dict[str, str]:
@@ -114,20 +116,6 @@ def test_reward_model_two_processes_match_one_process(sft_runs, tmp_path):
                 assert _close(x[key], y[key], key=key), (key, x["step"], x[key], y[key])
 
 
-def _rl_recipe(advantage: str, model: Path, out: Path, processes: int):
-    """GRPO (groups of 4, KL as a loss) or PPO with a critic (GAE, whitened advantages), same global batch."""
-    group = GROUP if advantage == "grpo" else 1
-    prompts = PROMPTS if advantage == "grpo" else 16
-    per_rank = prompts // processes
-    base = "recipes/tiny/grpo.yaml" if advantage == "grpo" else "recipes/tiny/ppo.yaml"
-    return load_recipe(base, [
-        f"out={out}", f"model.path={model}", "rollout.max_new_tokens=8", f"ppo.prompts_per_iteration={per_rank}",
-        f"ppo.samples_per_prompt={group}", f"ppo.minibatch_size={per_rank * group}", f"ppo.micro_batch_size={per_rank * group // 2}",
-        "ppo.iterations=3", "ppo.eval_prompts=0", "ppo.num_prompts=64", "logging.progress=false", "logging.health_every=2",
-        "scheduler.warmup_steps=0", "optimizer.lr=0.001", "checkpoint.every=0",
-    ], stage="ppo")  # fmt: skip
-
-
 RL_KEYS = {
     "grpo": ("reward", "reward_std", "frac_reward_zero_std", "kl", "loss/policy", "grad_norm", "entropy", "response_length", "clip_ratio", "mismatch/kl_k3"),
     "gae": ("reward", "kl", "loss/value", "grad_norm", "entropy", "explained_variance", "response_length"),
@@ -135,37 +123,31 @@ RL_KEYS = {
 
 
 @pytest.fixture(scope="module")
-def rl_runs(tmp_path_factory):
+def rl_runs(tmp_path_factory, rl_policy):
     """GRPO and PPO-GAE from one SFT policy, by 2 processes (one launch) and by 1 process (here)."""
     sys.path.insert(0, str(Path(__file__).parent))
     import row_seeded
 
     import bitnet_rl.train.ppo as ppo
-    from bitnet_rl.train.sft import run_sft
 
     root = tmp_path_factory.mktemp("distributed_rl")
-    sft = root / "sft"  # a policy that gets some reward, so groups have spread
-    run_sft(load_recipe("recipes/tiny/sft.yaml", ["train.max_steps=40", "data.demo_size=1000", "quant.schedule.warmup_steps=20",
-                                                    "logging.progress=false", "checkpoint.every=0", f"out={sft}"], stage="sft"))  # fmt: skip
+    sft = rl_policy.parent
     specs = []
     for advantage in RL_KEYS:
         spec = root / f"{advantage}-two.json"
-        spec.write_text(_rl_recipe(advantage, sft / "final", root / f"{advantage}-two", 2).model_dump_json())
+        spec.write_text(rl_recipe(advantage, sft / "final", root / f"{advantage}-two", 2).model_dump_json())
         specs.append(str(spec))
-    failing = _rl_recipe("grpo", sft / "final", root / "reward-error", 2)
+    failing = rl_recipe("grpo", sft / "final", root / "reward-error", 2)
     failing.ppo.rewards = [RewardSpec(source=f"python:{Path(__file__).parent / 'rank_one_reward.py'}:reward")]
     (root / "reward-error.json").write_text(failing.model_dump_json())
     specs.append(str(root / "reward-error.json"))
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_port()), str(Path(__file__).parent / "rl_worker.py"), *specs]  # fmt: skip
-    done = subprocess.run(cmd, cwd=ROOT, env={**_env(), "ACCELERATE_USE_CPU": "true"}, capture_output=True, text=True, timeout=400)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    launch("rl_worker.py", *specs)
     make_generator = ppo.make_generator
     try:
         for advantage in RL_KEYS:
             ppo.make_generator = make_generator
             row_seeded.patch(GROUP if advantage == "grpo" else 1)
-            ppo.run_ppo(_rl_recipe(advantage, sft / "final", root / f"{advantage}-one", 1))
+            ppo.run_ppo(rl_recipe(advantage, sft / "final", root / f"{advantage}-one", 1))
     finally:
         ppo.make_generator = make_generator
     return root
@@ -191,9 +173,3 @@ def test_reward_error_in_one_process_stops_both_after_one_checkpoint(rl_runs):
     assert "failed in another process" in (out / "stopped-0").read_text()
     saved = list((out / "checkpoints").glob("*before-reward-error"))
     assert len(saved) == 1 and (saved[0] / "trainer_state" / "state.json").is_file()
-
-
-def _port() -> int:
-    from bitnet_rl.distributed.launch import free_port
-
-    return free_port()
