@@ -120,3 +120,13 @@ def maybe_launch(recipe, command: str, flag_value: int | None, argv: Sequence[st
     count = num_processes if explicit or dist.accelerate_config is None else None  # else the config file's
     cmd = launch_command(command_argv, count, recipe.train.mixed_precision, dist.accelerate_config, free_port())
     return subprocess.run(cmd, env=worker_env(os.environ, cuda=gpus > 0)).returncode
+
+
+def process_device() -> str:
+    """This process's device before an accelerator exists: its own GPU (`cuda:LOCAL_RANK`, so N
+    workers do not all build their model on GPU 0 first), else the CPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"

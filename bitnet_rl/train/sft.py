@@ -21,6 +21,7 @@ from bitnet_rl.data.load import check_fits_context, choose_chat, load_records, t
 from bitnet_rl.data.prompts import context_length
 from bitnet_rl.data.sft import IGNORE_INDEX, SFTCollator, pack_examples, tokenize_sft, train_val_split
 from bitnet_rl.data.tokenizer import pad_id
+from bitnet_rl.distributed.launch import process_device
 from bitnet_rl.models.build import build_policy
 from bitnet_rl.models.io import prompt_format_of, set_prompt_format
 from bitnet_rl.recipe import Recipe
@@ -77,7 +78,7 @@ def evaluate_loss(model: nn.Module, examples: list[dict], collate, batch_size: i
 
 def run_sft(recipe: Recipe, resume: str | None = None, device: str | None = None, overwrite: bool = False) -> Path:
     """Train the recipe's policy on its data; returns the final checkpoint directory."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or process_device()  # this worker's GPU under `--num-processes`
     check_run(recipe.out, "sft", resume, overwrite)  # OUT and --resume, before loading anything
     data = recipe.data
     records, fmt = load_records(data, data.path, "sft", seed=recipe.train.seed)

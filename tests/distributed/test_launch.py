@@ -73,3 +73,17 @@ def test_fsdp2_refuses_lora_and_policy_sampling(tmp_path, monkeypatch):
     lora = load_recipe(None, ["distributed.strategy=fsdp2", "lora.enabled=true"], stage="sft")
     with pytest.raises(UserError, match="lora"):
         check_launch(lora, "sft", 2, gpus=2)
+
+
+def test_each_worker_builds_its_model_on_its_own_gpu(monkeypatch):
+    import torch
+
+    from bitnet_rl.distributed.launch import process_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert process_device() == "cuda:3"
+    monkeypatch.delenv("LOCAL_RANK")
+    assert process_device() == "cuda:0"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert process_device() == "cpu"
