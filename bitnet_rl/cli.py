@@ -6,6 +6,7 @@ User mistakes (`UserError`) print one line on stderr and exit with code 2.
 from __future__ import annotations
 
 import errno
+import os
 import functools
 import json
 from pathlib import Path
@@ -88,13 +89,27 @@ def finished(final: Path) -> None:
     """End of a training command: its last logged metrics on one line, then where the model is."""
     from bitnet_rl.eval.curves import last_metrics_line
 
+    if int(os.environ.get("RANK", "0")) != 0:  # one report from a run of several processes
+        return
     summary = last_metrics_line(Path(final).parent)
     if summary:
         typer.echo(f"last metrics: {summary}")
     typer.echo(f"saved {final}")
 
 
+def launched(recipe, command: str, num_processes: int | None) -> None:
+    """With more than one process asked for (and not inside a worker): run the workers, exit with their code."""
+    from bitnet_rl.distributed.launch import maybe_launch
+
+    code = maybe_launch(recipe, command, num_processes)
+    if code is not None:
+        if code != 0:
+            typer.echo(f"error: the worker processes failed (exit code {code}); their output is above", err=True)
+        raise typer.Exit(code)
+
+
 MODEL_HELP = "Policy directory (overrides model.path): BitNet master weights, a bitnet-rl checkpoint or run dir, or a dense Llama-style LM."
+PROCESSES_HELP = "Run N worker processes (one per GPU; gloo on CPU) through `accelerate launch` (overrides distributed.num_processes)."
 RESUME_HELP = "Resume from `latest` (the furthest checkpoint in OUT) or a checkpoint directory."
 OVERWRITE_HELP = "Replace the run already in OUT (its checkpoints, final model and metrics); without it a non-empty OUT is an error."
 
@@ -108,6 +123,7 @@ def sft(
     data: Optional[str] = typer.Option(None, "--data", help="Training data (overrides data.path): a file, a datasets dir, or `demo`."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output directory (overrides out)."),
     resume: Optional[str] = typer.Option(None, "--resume", help=RESUME_HELP),
+    num_processes: Optional[int] = typer.Option(None, "--num-processes", help=PROCESSES_HELP),
     overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
 ) -> None:
     """Supervised fine-tuning with BitLinear, λ warm-up, checkpoints and metrics.jsonl."""
@@ -115,6 +131,7 @@ def sft(
     from bitnet_rl.train.sft import run_sft
 
     resolved = load_recipe(recipe, list(overrides or []) + flag_overrides(model, data, None if out is None else str(out)), stage="sft")
+    launched(resolved, "sft", num_processes)
     configure_progress(resolved.logging.progress)
     finished(run_sft(resolved, resume=resume, overwrite=overwrite))
 
@@ -127,6 +144,7 @@ def dpo(
     model: Optional[str] = typer.Option(None, "--model", help=MODEL_HELP),
     out: Optional[Path] = typer.Option(None, "--out", help="Output directory (overrides out)."),
     resume: Optional[str] = typer.Option(None, "--resume", help=RESUME_HELP),
+    num_processes: Optional[int] = typer.Option(None, "--num-processes", help=PROCESSES_HELP),
     overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
     overrides: Optional[List[str]] = typer.Argument(None, help="Recipe overrides, e.g. dpo.beta=0.1 dpo.loss_type=ipo."),
 ) -> None:
@@ -136,6 +154,7 @@ def dpo(
 
     extra = flag_overrides(model, prefs, None if out is None else str(out))
     resolved = load_recipe(recipe, list(overrides or []) + extra, stage="dpo")
+    launched(resolved, "dpo", num_processes)
     configure_progress(resolved.logging.progress)
     finished(run_dpo(resolved, resume=resume, overwrite=overwrite))
 
@@ -148,6 +167,7 @@ def rm(
     model: Optional[str] = typer.Option(None, "--model", help="Backbone: an SFT checkpoint, any causal LM, or a reward model to continue."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output directory; OUT/final is what `ppo --reward` takes."),
     resume: Optional[str] = typer.Option(None, "--resume", help=RESUME_HELP),
+    num_processes: Optional[int] = typer.Option(None, "--num-processes", help=PROCESSES_HELP),
     overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
     overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP),
 ) -> None:
@@ -157,6 +177,7 @@ def rm(
 
     extra = flag_overrides(model, prefs, None if out is None else str(out))
     resolved = load_recipe(recipe, list(overrides or []) + extra, stage="rm")
+    launched(resolved, "rm", num_processes)
     configure_progress(resolved.logging.progress)
     finished(run_rm(resolved, resume=resume, overwrite=overwrite))
 
@@ -170,6 +191,7 @@ def ppo(
     prompts: Optional[str] = typer.Option(None, "--prompts", help="Prompts file (field prompt or messages), or `demo`."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output directory (overrides out)."),
     resume: Optional[str] = typer.Option(None, "--resume", help=RESUME_HELP),
+    num_processes: Optional[int] = typer.Option(None, "--num-processes", help=PROCESSES_HELP),
     overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
     overrides: Optional[List[str]] = typer.Argument(None, help="Recipe overrides, e.g. ppo.advantage=grpo ppo.samples_per_prompt=4."),
 ) -> None:
@@ -181,6 +203,7 @@ def ppo(
     resolved = load_recipe(recipe, list(overrides or []) + extra, stage="ppo")
     if reward:
         resolved.ppo.rewards = [RewardSpec(source=spec) for spec in reward]
+    launched(resolved, "ppo", num_processes)
     configure_progress(resolved.logging.progress)
     finished(run_ppo(resolved, resume=resume, overwrite=overwrite))
 

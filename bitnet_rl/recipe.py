@@ -113,7 +113,7 @@ class SchedulerConfig(Section):
 class TrainConfig(Section):
     max_steps: int = Field(1000, gt=0, description="Optimizer steps to run (unless `epochs` is set).")
     epochs: float | None = Field(None, gt=0, description="If set, train this many passes over the data instead of max_steps.")
-    batch_size: int = Field(8, gt=0, description="Sequences per micro-batch (per device).")
+    batch_size: int = Field(8, gt=0, description="Sequences per micro-batch (per process).")
     grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
     loss_aggregation: Literal["mean", "sum"] = Field(
         "mean", description="Token loss aggregation: mean over tokens, or sum (BitNet b1.58 2B4T SFT)."
@@ -227,14 +227,20 @@ class PPOConfig(Section):
     overlong_buffer: int = Field(0, ge=0, description="DAPO soft overlong penalty over the last N tokens before max_new_tokens (0: off).")
     overlong_penalty: float = Field(1.0, ge=0, description="Scale of the overlong penalty (−scale at max_new_tokens).")
     epochs: int = Field(2, gt=0, description="Passes over each rollout batch.")
-    minibatch_size: int = Field(8, gt=0, description="Sequences per optimizer step.")
-    micro_batch_size: int = Field(8, gt=0, description="Sequences per forward/backward (gradient accumulation below minibatch_size).")
+    minibatch_size: int = Field(8, gt=0, description="Sequences per optimizer step (per process).")
+    micro_batch_size: int = Field(8, gt=0, description="Sequences per forward/backward (per process; gradient accumulation below minibatch_size).")
     missing_eos_penalty: float | None = Field(None, description="Added to the score of completions that hit max_new_tokens without EOS.")
     critic: Literal["policy", "reward_model"] = Field("policy", description="Critic backbone for gae: a copy of the SFT policy, or the reward model.")
     critic_lr: float | None = Field(None, gt=0, description="Critic learning rate (default: optimizer.lr).")
     eval_every: int = Field(0, ge=0, description="Greedy evaluation on held-out prompts every N iterations (0: only at the end).")
     eval_prompts: int = Field(128, ge=0, description="Held-out prompts for evaluation (0: no evaluation).")
     eval_path: str | None = Field(None, description="Held-out prompts file for evaluation; default: fresh demo prompts when prompts is `demo`, none otherwise.")
+
+
+class DistributedConfig(Section):
+    num_processes: int = Field(1, ge=1, description="Worker processes (one per GPU; on CPU, gloo workers); above 1 the command starts them through `accelerate launch` (`--num-processes` overrides).")
+    strategy: Literal["ddp", "fsdp2"] = Field("ddp", description="ddp: a full replica per process, gradients all-reduced; fsdp2: parameters, gradients and optimizer state sharded per decoder layer (accelerate's FSDP2 plugin; needs GPUs).")
+    accelerate_config: str | None = Field(None, description="An `accelerate config` YAML file for the launch (multi-node, FSDP options); the keys above win where both are set.")
 
 
 class CommonSections(Section):
@@ -250,6 +256,7 @@ class CommonSections(Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Checkpointing.")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Metrics and progress.")
     lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA adapters.")
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig, description="Several processes (GPUs) through accelerate.")
 
 
 class DPOSections(Section):

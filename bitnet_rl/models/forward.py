@@ -124,8 +124,16 @@ def causal_lm_logprobs(
 
     Runs the backbone (`model.base_model`) for the last hidden states, then
     `chunked_head_logprobs` with `model.get_output_embeddings()`: the same numbers as
-    `token_logprobs` without the `(B, T, V)` logits. Pass the unwrapped model (not a DDP wrapper).
+    `token_logprobs` without the `(B, T, V)` logits. A DDP or FSDP2 model runs it as its forward.
     """
+    from bitnet_rl.distributed.collective import forward_through
+
+    return forward_through(
+        model, _causal_lm_logprobs, input_ids=input_ids, attention_mask=attention_mask, with_entropy=with_entropy, chunk_rows=chunk_rows
+    )
+
+
+def _causal_lm_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, with_entropy: bool, chunk_rows: int):
     head = model.get_output_embeddings()
     hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     return chunked_head_logprobs(

@@ -256,18 +256,21 @@ def commit_dir(tmp: Path, out_dir: Path) -> Path:
     return out_dir
 
 
-def save_checkpoint(model: nn.Module, tokenizer, out_dir: str | Path, extra: dict[str, Any] | None = None, kind: str | None = None) -> Path:
+def save_checkpoint(
+    model: nn.Module, tokenizer, out_dir: str | Path, extra: dict[str, Any] | None = None, kind: str | None = None, state_dict: dict[str, Any] | None = None
+) -> Path:
     """Write a Hugging Face directory (safetensors, config, tokenizer, generation config) atomically.
 
     `extra` maps relative file names to callables `fn(path)` that write more files into the
     temporary directory before it is moved into place (e.g. `trainer_state/`). `kind` (policy,
-    reward_model, critic; default from the model class) is recorded in `config.json`. A full
+    reward_model, critic; default from the model class) is recorded in `config.json`. `state_dict`
+    replaces the model's own (the full weights gathered from an FSDP2-sharded model). A full
     disk or a read-only directory is a one-line `UserError` naming the directory.
     """
     tmp, final = atomic_dir(out_dir)
     kind = kind or ("reward_model" if type(model).__name__.endswith("ForSequenceClassification") else "policy")
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         config_file = tmp / "config.json"

@@ -54,7 +54,13 @@ def backbone(model: nn.Module) -> nn.Module:
 
 
 def token_values(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """The head's output at every position, float32 `(B, T)`."""
+    """The head's output at every position, float32 `(B, T)` (through a DDP / FSDP2 wrapper's forward)."""
+    from bitnet_rl.distributed.collective import forward_through
+
+    return forward_through(model, _token_values, input_ids=input_ids, attention_mask=attention_mask)
+
+
+def _token_values(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     hidden = backbone(model)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     return model.score(hidden).squeeze(-1).float()
 

@@ -23,7 +23,8 @@ from typing import Callable
 
 import torch
 
-from bitnet_rl.rl.advantages import gae, grpo_advantages, masked_whiten, reinforce_pp_advantages, rloo_advantages
+from bitnet_rl.distributed.reduce import AllReduce, global_masked_whiten, global_whiten_per_sequence
+from bitnet_rl.rl.advantages import discounted_returns, gae, grpo_advantages, masked_whiten, reinforce_pp_advantages, rloo_advantages
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class AdvantageInputs:
     gamma: float = 1.0
     gae_lambda: float = 0.95
     std_eps: float = 1e-4  # GRPO's group-std epsilon
+    all_reduce: AllReduce | None = None  # with several processes: whitening uses all ranks' moments (distributed.reduce)
 
 
 @dataclass(frozen=True)
@@ -57,29 +59,40 @@ def _sequence_rewards(inputs: AdvantageInputs) -> torch.Tensor:
     return (inputs.token_rewards * inputs.mask).sum(dim=1)  # (B,)
 
 
-def _broadcast(per_sequence: torch.Tensor, mask: torch.Tensor, whiten: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _whiten_tokens(values: torch.Tensor, inputs: AdvantageInputs) -> torch.Tensor:
+    if inputs.all_reduce is None:
+        return masked_whiten(values, inputs.mask)
+    return global_masked_whiten(values, inputs.mask, inputs.all_reduce)
+
+
+def _broadcast(per_sequence: torch.Tensor, inputs: AdvantageInputs, whiten: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    mask = inputs.mask
     if whiten:
-        per_sequence = whiten_per_sequence(per_sequence)
+        reduce = inputs.all_reduce
+        per_sequence = whiten_per_sequence(per_sequence) if reduce is None else global_whiten_per_sequence(per_sequence, reduce)
     advantages = per_sequence.unsqueeze(1) * mask
     return advantages, advantages.clone()
 
 
 def _gae(inputs: AdvantageInputs, whiten: bool):
     advantages, returns = gae(inputs.token_rewards, inputs.values, inputs.mask, inputs.gamma, inputs.gae_lambda)
-    return (masked_whiten(advantages, inputs.mask) if whiten else advantages), returns
+    return (_whiten_tokens(advantages, inputs) if whiten else advantages), returns
 
 
 def _grpo(inputs: AdvantageInputs, whiten: bool):
     per_sequence = grpo_advantages(_sequence_rewards(inputs), inputs.group_size, eps=inputs.std_eps)
-    return _broadcast(per_sequence, inputs.mask, whiten)
+    return _broadcast(per_sequence, inputs, whiten)
 
 
 def _rloo(inputs: AdvantageInputs, whiten: bool):
-    return _broadcast(rloo_advantages(_sequence_rewards(inputs), inputs.group_size), inputs.mask, whiten)
+    return _broadcast(rloo_advantages(_sequence_rewards(inputs), inputs.group_size), inputs, whiten)
 
 
 def _reinforce_pp(inputs: AdvantageInputs, whiten: bool):
-    advantages = reinforce_pp_advantages(inputs.token_rewards, inputs.mask, inputs.gamma)
+    if inputs.all_reduce is None:
+        advantages = reinforce_pp_advantages(inputs.token_rewards, inputs.mask, inputs.gamma)
+    else:  # the same estimator, whitened with all ranks' moments
+        advantages = global_masked_whiten(discounted_returns(inputs.token_rewards, inputs.mask, inputs.gamma), inputs.mask, inputs.all_reduce)
     return advantages, advantages.clone()
 
 

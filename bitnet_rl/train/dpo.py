@@ -20,6 +20,7 @@ from bitnet_rl.data.load import load_records, tokenizer_texts
 from bitnet_rl.data.prefs import PrefCollator, model_pref_examples
 from bitnet_rl.data.sft import train_val_split
 from bitnet_rl.data.tokenizer import pad_id
+from bitnet_rl.distributed.launch import process_device
 from bitnet_rl.lora.apply import DisabledAdapterView, apply_lora
 from bitnet_rl.models.build import build_policy
 from bitnet_rl.models.forward import token_logprobs
@@ -134,7 +135,7 @@ def lora_base_reference(recipe: Recipe) -> bool:
 
 def run_dpo(recipe: Recipe, resume: str | None = None, device: str | None = None, overwrite: bool = False) -> Path:
     """DPO of the recipe's policy on its preference data; returns the final checkpoint directory."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or process_device()  # this worker's GPU under `--num-processes`
     check_run(recipe.out, "dpo", resume, overwrite)  # OUT and --resume, before loading anything
     data, cfg = recipe.data, recipe.dpo
     records, fmt = load_records(data, data.path, "prefs", seed=recipe.train.seed)

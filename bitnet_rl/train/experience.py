@@ -135,7 +135,8 @@ def policy_forward(model: nn.Module, exp: Experience, with_entropy: bool = False
     fast = None if with_entropy or torch.is_grad_enabled() else packed_prefill(model)
     if fast is not None and exp.input_ids.shape[1] <= fast.max_positions:
         return completion_columns(fast.token_logprobs(exp.input_ids), exp.prompt_lens, width), None
-    if hasattr(model, "base_model") and model.get_output_embeddings() is not None:  # no (B, T, V) logits (issue 13)
+    inner = getattr(model, "module", model)  # a DDP wrapper's model
+    if hasattr(inner, "base_model") and inner.get_output_embeddings() is not None:  # no (B, T, V) logits (issue 13)
         logprobs, entropy = causal_lm_logprobs(model, exp.input_ids, exp.attention_mask, with_entropy=with_entropy)
         return completion_columns(logprobs, exp.prompt_lens, width), None if entropy is None else completion_columns(entropy, exp.prompt_lens, width)
     logits = model(input_ids=exp.input_ids, attention_mask=exp.attention_mask).logits[:, :-1]

@@ -22,6 +22,9 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
+from bitnet_rl.distributed.collective import all_reduce_sum, reduce_step_stats
+from bitnet_rl.distributed.fsdp import accelerator_options, load_model_state
+from bitnet_rl.distributed.reduce import rank_share
 from bitnet_rl.errors import UserError
 from bitnet_rl.lora.apply import apply_lora, has_lora
 from bitnet_rl.quant.schedule import lambda_at
@@ -98,6 +101,8 @@ class MetricsLog:
         path.write_text("".join(line + "\n" for line in lines))
 
     def write(self, record: dict[str, Any]) -> None:
+        if self.accelerator is not None and not self.accelerator.is_main_process:
+            return  # only the main process writes metrics
         clean = {k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in record.items()}
         with self.path.open("a") as handle:
             handle.write(json.dumps(clean) + "\n")
@@ -109,7 +114,7 @@ class MetricsLog:
 def make_accelerator(recipe: Recipe, out_dir: Path):
     from accelerate import Accelerator
 
-    kwargs: dict[str, Any] = {"mixed_precision": recipe.train.mixed_precision}
+    kwargs: dict[str, Any] = {"mixed_precision": recipe.train.mixed_precision, **accelerator_options(recipe)}
     if recipe.logging.report_to:
         kwargs.update(log_with=list(recipe.logging.report_to), project_dir=str(out_dir))
     return Accelerator(**kwargs)
@@ -140,7 +145,7 @@ def load_weights(model: nn.Module, checkpoint: Path) -> None:
 
     state = read_weight_files(checkpoint)
     try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing, unexpected = load_model_state(model, state)
     except RuntimeError as err:  # shape mismatches: name the first one
         detail = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), str(err).splitlines()[0])
         raise UserError(f"{checkpoint}: weights do not match the model being trained ({detail.rstrip('.')})") from None
@@ -162,6 +167,7 @@ class Stage:
     eval_fn: EvalFn | None = None
     extra_modules: dict[str, nn.Module] = field(default_factory=dict)  # e.g. a frozen reference, moved to device
     final_files: Callable[[nn.Module], dict[str, Callable[[Path], None]]] | None = None  # more files for OUT/final
+    loss_items: Callable[[dict[str, torch.Tensor]], float] | None = None  # what a mean loss averages over (tokens); ranks rescale by it
 
 
 class BatchSteps:
@@ -194,15 +200,18 @@ class BatchSteps:
             with acc.no_sync(run.model) if not sync and world > 1 else nullcontext():
                 with acc.autocast():
                     loss, stats, n_tokens = stage.loss_fn(run.model, batch)
+                if stage.loss_items is not None and world > 1:  # the global micro-batch's mean, not the mean of ranks' means
+                    loss = loss * rank_share(stage.loss_items(batch), world, all_reduce_sum(acc))
                 acc.backward(loss / tcfg.grad_accum)
             step_tokens += n_tokens
             for key, value in {"loss": loss, **stats}.items():
                 stats_sum[key] = stats_sum.get(key, 0.0) + float(torch.as_tensor(value).detach()) / tcfg.grad_accum
+        stats_sum, totals = reduce_step_stats(acc, stats_sum, tcfg.batch_size, {"tokens": step_tokens})  # global means
         update = run.optimizer_step()
-        run.state.tokens += step_tokens * world
+        run.state.tokens += int(totals["tokens"])
         elapsed = time.perf_counter() - started
         record = {**stats_sum, "lambda": lam, "lr": update["lr"], "grad_norm": update["grad_norm"]}
-        record["tokens_per_s"] = step_tokens * world / max(elapsed, 1e-9)
+        record["tokens_per_s"] = totals["tokens"] / max(elapsed, 1e-9)
         record["tokens"] = run.state.tokens
         return record
 

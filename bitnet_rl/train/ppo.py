@@ -26,6 +26,9 @@ import torch
 import torch.nn as nn
 
 from bitnet_rl.data.prompts import encode_prompt, load_prompts, rollout_prompt_ids
+from bitnet_rl.distributed.collective import all_ranks, all_reduce_sum, gather_rows, reduce_rollout_stats, skip_grad_sync
+from bitnet_rl.distributed.fsdp import gathered_params
+from bitnet_rl.distributed.reduce import global_explained_variance, loss_denominator, weighted_means
 from bitnet_rl.errors import UserError
 from bitnet_rl.lora.critic import adapter_critic
 from bitnet_rl.lora.rl import lora_generator, policy_reference
@@ -42,7 +45,7 @@ from bitnet_rl.rl.estimators import (
     estimate_advantages,
 )
 from bitnet_rl.rl.kl import AdaptiveKLController, FixedKLController, kl_estimate
-from bitnet_rl.rl.losses import explained_variance, ppo_policy_loss, value_loss
+from bitnet_rl.rl.losses import ppo_policy_loss, value_loss
 from bitnet_rl.rl.shaping import group_reward_stats
 from bitnet_rl.rollout import make_generator
 from bitnet_rl.train.experience import (
@@ -66,12 +69,13 @@ def kl_controller(cfg: PPOConfig):
     return FixedKLController(cfg.kl_coef)
 
 
-def compute_advantages(cfg: PPOConfig, scores: torch.Tensor, values: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float):
-    """(advantages, returns, token rewards) `(B, T)` from the estimator registered as `cfg.advantage`. Pure."""
+def compute_advantages(cfg: PPOConfig, scores: torch.Tensor, values: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float, all_reduce=None):
+    """(advantages, returns, token rewards) `(B, T)` from the estimator registered as `cfg.advantage`.
+    Pure; `all_reduce` (several processes) makes whitening use all ranks' moments."""
     token_rewards = adv.scores_to_token_rewards(scores, mask)
     if cfg.kl_mode == "reward":
         token_rewards = adv.add_kl_penalty(token_rewards, kl, kl_coef, mask)
-    inputs = AdvantageInputs(token_rewards, values, mask, cfg.samples_per_prompt, cfg.gamma, cfg.gae_lambda, cfg.group_std_eps)
+    inputs = AdvantageInputs(token_rewards, values, mask, cfg.samples_per_prompt, cfg.gamma, cfg.gae_lambda, cfg.group_std_eps, all_reduce)
     advantages, returns = estimate_advantages(cfg.advantage, inputs, cfg.whiten_advantages)
     return advantages, returns, token_rewards
 
@@ -127,12 +131,13 @@ class PPOTrainer:
         self.kl_ctl = kl_controller(cfg)
         self.sampler: EpochSampler | None = None
         max_prompt = max(len(p) for p in self.prompt_ids + [encode_prompt(self.tokenizer, p, self.chat) for p in self.eval_prompts])
-        self.generator = lora_generator(lambda: make_generator(  # with LoRA, syncs re-pack Q(W + s·B·A)
-            self.unwrapped,
-            backend=recipe.rollout.backend,
-            max_batch_size=cfg.prompts_per_iteration * cfg.samples_per_prompt,
-            max_seq_len=max_prompt + recipe.rollout.max_new_tokens,
-        ), self.unwrapped)
+        with gathered_params(self.unwrapped):  # FSDP2: the generator packs the full weights
+            self.generator = lora_generator(lambda: make_generator(  # with LoRA, syncs re-pack Q(W + s·B·A)
+                self.unwrapped,
+                backend=recipe.rollout.backend,
+                max_batch_size=cfg.prompts_per_iteration * cfg.samples_per_prompt,
+                max_seq_len=max_prompt + recipe.rollout.max_new_tokens,
+            ), self.unwrapped)
         self.evaluate = make_evaluator(recipe, self.tokenizer, self.reward, self.generator, self.eval_prompts, self.chat)
 
     @property
@@ -174,7 +179,8 @@ class PPOTrainer:
         device = acc.device
         t0 = time.perf_counter()
         if hasattr(self.generator, "sync_from"):
-            self.generator.sync_from(self.unwrapped)
+            with gathered_params(self.unwrapped):  # FSDP2: the generator packs the full weights
+                self.generator.sync_from(self.unwrapped)
 
         def round_fn(round_index: int):
             picked = sampler.next(cfg.prompts_per_iteration * acc.num_processes)[acc.process_index :: acc.num_processes]
@@ -183,7 +189,13 @@ class PPOTrainer:
             seed = self.recipe.train.seed * 100_003 + iteration * acc.num_processes + acc.process_index + round_index * 7_919_113
             return sample_round(self.generator, self.tokenizer, self.reward, prompts, prompt_ids, cfg, self.recipe.rollout, seed, device)
 
-        sampled = sample_groups(round_fn, cfg)
+        failure = None
+        try:
+            sampled = sample_groups(round_fn, cfg, everyone=all_ranks(acc))  # as many rounds on every rank
+        except RewardError as err:  # every rank learns of it, so all of them save and stop together
+            failure = err
+        if not all_ranks(acc)(failure is None):
+            raise failure or RewardError("a reward source failed in another process (its error is above); stopping")
         t1 = time.perf_counter()
         exp = experience_from_rollout(sampled.out, sampled.scores, device)
         mask = exp.mask
@@ -194,7 +206,8 @@ class PPOTrainer:
             exp.values = critic_forward(self.critic, exp) * mask
         exp.is_weights, exp.loss_mask = rollout_correction(cfg.rollout_correction, exp.old_logprobs, exp.rollout_logprobs, mask, cfg.rollout_correction_cap)
         kl = kl_estimate(exp.old_logprobs, exp.ref_logprobs, cfg.kl_estimator) * mask
-        exp.advantages, exp.returns, _ = compute_advantages(cfg, exp.scores, exp.values, kl, mask, self.kl_ctl.value)
+        all_reduce = all_reduce_sum(acc) if acc.num_processes > 1 else None
+        exp.advantages, exp.returns, _ = compute_advantages(cfg, exp.scores, exp.values, kl, mask, self.kl_ctl.value, all_reduce)
         new_tokens = int(mask.sum())
         t2 = time.perf_counter()
         raw = sampled.raw
@@ -207,7 +220,7 @@ class PPOTrainer:
             "response_length": new_tokens / len(exp),
             "eos_rate": float(sampled.stopped.float().mean()),
             "rollout_tokens_per_s": new_tokens / max(t1 - t0, 1e-9),
-            **rollout_mismatch(exp.old_logprobs, exp.rollout_logprobs, mask, cfg.rollout_correction_cap),
+            **rollout_mismatch(*gather_rows(acc, exp.old_logprobs, exp.rollout_logprobs, mask), cfg.rollout_correction_cap),
             "correction/kept_tokens": float(exp.loss_mask.sum() / mask.sum().clamp(min=1)),
             "correction/mean_weight": float(adv.masked_mean(exp.is_weights, exp.loss_mask)) if exp.loss_mask.any() else 0.0,
             "time/generate": sampled.generate_seconds,
@@ -216,6 +229,10 @@ class PPOTrainer:
         }
         if cfg.dynamic_sampling:
             stats["dynamic/rounds"], stats["dynamic/dropped_groups"] = sampled.rounds, sampled.dropped_groups
+        rows, groups = len(exp), len(exp) / cfg.samples_per_prompt
+        per_row = {k: rows for k in ("reward", "score", "kl", "response_length", "eos_rate")}
+        weights = {**per_row, "reward_std": groups, "frac_reward_zero_std": groups, "correction/kept_tokens": float(mask.sum()), "correction/mean_weight": float(exp.loss_mask.sum())}
+        stats = reduce_rollout_stats(acc, stats, weights, maxima=("time/generate", "time/score", "time/logprobs", "dynamic/rounds"), sums=("rollout_tokens_per_s", "dynamic/dropped_groups"))
         return exp, stats, sampled.completions
 
     def update(self, exp: Experience) -> dict[str, float]:
@@ -235,37 +252,48 @@ class PPOTrainer:
                 for key, value in stats.items():
                     totals[key] = totals.get(key, 0.0) + value
                 count += 1
-        return {key: value / max(count, 1) for key, value in totals.items()}
+        means = {key: value / max(count, 1) for key, value in totals.items()}
+        if self.accelerator.num_processes == 1:
+            return means
+        tokens = float(exp.loss_mask.sum())  # token means weigh by tokens; loss and entropy are shares of the global mean already
+        shares = ("loss/policy", "loss/value", "entropy")
+        return weighted_means(means, {k: (1.0 if k in shares else tokens) for k in means}, all_reduce_sum(self.accelerator))
 
     def _minibatch_step(self, exp: Experience, rows: torch.Tensor) -> dict[str, float]:
         cfg = self.cfg
         stats: dict[str, float] = {}
         micro_batches = rows.split(cfg.micro_batch_size)
         whole = exp.loss_mask[rows.to(exp.loss_mask.device)]
-        num_tokens, num_seqs = whole.sum().clamp(min=1.0), (whole.sum(1) > 0).sum().clamp(min=1)
-        for micro in micro_batches:
-            part = exp.select(micro.to(exp.input_ids.device))
-            weight = len(micro) / len(rows)
-            with self.accelerator.autocast():
-                logprobs, entropy = policy_forward(self.policy, part, with_entropy=True)
-                pg_loss, pstats = ppo_policy_loss(
-                    logprobs, part.old_logprobs, part.advantages, part.loss_mask, cfg.clip_eps, cfg.clip_eps_high,
-                    weights=part.is_weights, aggregation=cfg.loss_aggregation, num_tokens=num_tokens, num_seqs=num_seqs,
-                )  # fmt: skip
-                mean_entropy = adv.masked_mean(entropy, part.mask)
-                loss = pg_loss - weight * cfg.entropy_coef * mean_entropy
-                if cfg.kl_mode == "loss":
-                    loss = loss + weight * self.kl_ctl.value * adv.masked_mean(kl_estimate(logprobs, part.ref_logprobs, cfg.kl_estimator), part.mask)
-            self.accelerator.backward(loss)
-            _add(stats, {"loss/policy": float(loss.detach())}, 1.0)  # micro-batch losses add up to the minibatch loss
-            _add(stats, {"entropy": float(mean_entropy.detach())}, weight)
-            _add(stats, {k: float(v) for k, v in pstats.items()}, weight)
-            if self.critic is not None:
+        reduce, world = all_reduce_sum(self.accelerator), self.accelerator.num_processes  # global minibatch denominators (distributed.reduce)
+        mask_tokens = loss_denominator(exp.mask[rows.to(exp.mask.device)].sum(), world, reduce).clamp(min=1.0 / world)
+        num_tokens = loss_denominator(whole.sum(), world, reduce).clamp(min=1.0 / world)
+        num_seqs = loss_denominator((whole.sum(1) > 0).sum(), world, reduce).clamp(min=1.0 / world)
+        for index, micro in enumerate(micro_batches):
+            with skip_grad_sync(self.accelerator, (self.policy, self.critic), sync=index == len(micro_batches) - 1):
+                part = exp.select(micro.to(exp.input_ids.device))
+                weight = len(micro) / len(rows)
                 with self.accelerator.autocast():
-                    values = critic_forward(self.critic, part)
-                    vloss, vstats = value_loss(values, part.values, part.returns, part.mask, cfg.value_clip_eps)
-                self.accelerator.backward(vloss * weight)
-                _add(stats, {"loss/value": float(vloss.detach()), "value_clip_frac": float(vstats["clip_frac"])}, weight)
+                    logprobs, entropy = policy_forward(self.policy, part, with_entropy=True)
+                    pg_loss, pstats = ppo_policy_loss(
+                        logprobs, part.old_logprobs, part.advantages, part.loss_mask, cfg.clip_eps, cfg.clip_eps_high,
+                        weights=part.is_weights, aggregation=cfg.loss_aggregation, num_tokens=num_tokens, num_seqs=num_seqs,
+                    )  # fmt: skip
+                    entropy_share = (entropy * part.mask).sum() / mask_tokens  # token means over the (global) minibatch
+                    loss = pg_loss - cfg.entropy_coef * entropy_share
+                    if cfg.kl_mode == "loss":
+                        loss = loss + self.kl_ctl.value * (kl_estimate(logprobs, part.ref_logprobs, cfg.kl_estimator) * part.mask).sum() / mask_tokens
+                self.accelerator.backward(loss)
+                _add(stats, {"loss/policy": float(loss.detach())}, 1.0)  # micro-batch losses add up to the minibatch loss
+                _add(stats, {"entropy": float(entropy_share.detach())}, 1.0)  # shares add up to the minibatch's token mean
+                _add(stats, {k: float(v) for k, v in pstats.items()}, weight)
+                if self.critic is not None:
+                    with self.accelerator.autocast():
+                        values = critic_forward(self.critic, part)
+                        vloss, vstats = value_loss(values, part.values, part.returns, part.mask, cfg.value_clip_eps)
+                    value_share = vloss * part.mask.sum() / mask_tokens  # token mean over the (global) minibatch
+                    self.accelerator.backward(value_share)
+                    _add(stats, {"loss/value": float(value_share.detach())}, 1.0)
+                    _add(stats, {"value_clip_frac": float(vstats["clip_frac"])}, weight)
         stats.update(self.run.optimizer_step())  # policy and critic: clip, step, LR schedule; grad_norm, lr
         return stats
 
@@ -285,7 +313,7 @@ class PPOTrainer:
         self.kl_ctl.update(stats["kl"], len(exp))
         record = {"optimizer_step": run.state.step, **stats, **update_stats, "time/train": time.perf_counter() - t0}
         if self.critic is not None:
-            record["explained_variance"] = float(explained_variance(exp.values, exp.returns, exp.mask))
+            record["explained_variance"] = float(global_explained_variance(exp.values, exp.returns, exp.mask, all_reduce_sum(self.accelerator)))
         record["sample"] = completions[0]
         return record
 

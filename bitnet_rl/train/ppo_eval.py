@@ -14,6 +14,7 @@ from typing import Any, Callable
 import torch.nn as nn
 
 from bitnet_rl.data.prompts import load_prompts
+from bitnet_rl.distributed.fsdp import gathered_params
 from bitnet_rl.eval.task import sample, task_metrics
 from bitnet_rl.recipe import Recipe
 
@@ -44,7 +45,8 @@ def make_evaluator(recipe: Recipe, tokenizer, reward, generator, prompts: list[A
 
     def evaluate(policy: nn.Module) -> dict[str, float]:
         if hasattr(generator, "sync_from"):
-            generator.sync_from(policy)
+            with gathered_params(policy):  # FSDP2: the full weights
+                generator.sync_from(policy)
         drawn = sample(generator, tokenizer, prompts, recipe.rollout.max_new_tokens, temperature=0.0, batch_size=batch, chat=chat)
         return {f"eval/{k}": v for k, v in task_metrics(drawn, reward, correct).items()}
 

@@ -90,10 +90,12 @@ def _concat(parts: list[Sampled]) -> Sampled:
     )
 
 
-def sample_groups(round_fn: Callable[[int], Sampled], cfg: PPOConfig) -> Sampled:
+def sample_groups(round_fn: Callable[[int], Sampled], cfg: PPOConfig, everyone: Callable[[bool], bool] = bool) -> Sampled:
     """Round 0, then (dynamic sampling) more rounds until `prompts_per_iteration` groups have untied scores.
 
     `round_fn(r)` samples round r with fresh prompts. Without dynamic sampling this is round 0 as is.
+    `everyone(done)` is True when every process is done (several processes: an all-reduce), so all
+    ranks sample the same number of rounds and their prompt samplers stay in step.
     """
     first = round_fn(0)
     if not cfg.dynamic_sampling:
@@ -117,7 +119,7 @@ def sample_groups(round_fn: Callable[[int], Sampled], cfg: PPOConfig) -> Sampled
         if is_tied.any():
             tied.append(_rows(current, rows(is_tied)))
             dropped += int(is_tied.sum())
-        if kept >= target or rounds > cfg.dynamic_sampling_rounds:
+        if everyone(kept >= target or rounds > cfg.dynamic_sampling_rounds):
             break
         current = round_fn(rounds)
     parts = informative + tied

@@ -20,6 +20,7 @@ from bitnet_rl.data.load import load_records
 from bitnet_rl.data.prefs import PrefCollator, model_pref_examples
 from bitnet_rl.data.sft import train_val_split
 from bitnet_rl.data.tokenizer import pad_id
+from bitnet_rl.distributed.launch import process_device
 from bitnet_rl.errors import UserError
 from bitnet_rl.models.build import resolve_dtype, resolve_model_dir
 from bitnet_rl.models.io import load_tokenizer
@@ -86,7 +87,7 @@ def score_stats(model: nn.Module, examples: list[dict], collate) -> dict[str, fl
 
 def run_rm(recipe: Recipe, resume: str | None = None, device: str | None = None, overwrite: bool = False) -> Path:
     """Train a reward model on the recipe's preference data; returns its directory (`OUT/final`)."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or process_device()  # this worker's GPU under `--num-processes`
     check_run(recipe.out, "rm", resume, overwrite)  # OUT and --resume, before loading anything
     if not recipe.model.path:
         raise UserError("model.path is not set: give --model DIR (an SFT checkpoint or any causal/classifier LM)")

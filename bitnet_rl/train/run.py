@@ -32,6 +32,8 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from bitnet_rl.distributed.collective import main_then_wait
+from bitnet_rl.distributed.fsdp import check_uniform_dtypes, full_model_state, full_optimizer_state, gathered_params, load_optimizer_state
 from bitnet_rl.lora.apply import finish_lora
 from bitnet_rl.models.convert import enable_checkpointing
 from bitnet_rl.models.forward import compile_decoder_layers
@@ -136,6 +138,8 @@ class Run:
             enable_checkpointing(model)
         if self.recipe.train.compile:  # regional torch.compile of the decoder layers (issue 13), every stage and model
             compile_decoder_layers(model)
+        if self.recipe.distributed.strategy == "fsdp2":
+            check_uniform_dtypes(model)
         optimizer = build_optimizer(model, self.recipe, lr=lr)
         scheduler = build_scheduler(optimizer, self.recipe, total_steps) if not self.trained else None
         model, optimizer = self.accelerator.prepare(model, optimizer)
@@ -180,12 +184,14 @@ class Run:
         torch.manual_seed(recipe.train.seed)  # a resume restores the RNG state it saved
         if checkpoint is not None:
             self._resume(checkpoint, stage)
-        begin_run(self.out, recipe, self.command, checkpoint, overwrite)
-        (self.out / "recipe.json").write_text(recipe.model_dump_json(indent=2))
+        main_then_wait(acc, lambda: begin_run(self.out, recipe, self.command, checkpoint, overwrite))
+        if acc.is_main_process:
+            (self.out / "recipe.json").write_text(recipe.model_dump_json(indent=2))
         metrics = MetricsLog(self.out / "metrics.jsonl", keep_until=self.iteration, accelerator=acc)
         if recipe.logging.report_to:
             acc.init_trackers(self.command)
-        self._codes = code_snapshot(self.unwrapped) if recipe.logging.health_every else None
+        with gathered_params(self.unwrapped):  # FSDP2: codes of the full weights
+            self._codes = code_snapshot(self.unwrapped) if recipe.logging.health_every else None
         stage.begin(self)
         show = recipe.logging.progress and acc.is_main_process
         self.bar = tqdm(total=stage.total, initial=self.iteration, desc=self.command, disable=not show, dynamic_ncols=True)
@@ -230,7 +236,8 @@ class Run:
         every = self.recipe.logging.health_every
         if self._codes is None or steps_before // every == self.state.step // every:
             return {}
-        report = ternary_health(self.unwrapped, previous=self._codes)
+        with gathered_params(self.unwrapped):
+            report = ternary_health(self.unwrapped, previous=self._codes)
         self._codes = report.codes
         record = report.overall()
         new_collapse = set(report.collapsed) - self._warned_collapse
@@ -243,24 +250,31 @@ class Run:
     # ---- checkpoints ---------------------------------------------------------------------
     def save(self, path: Path) -> Path:
         """A complete, atomic checkpoint of the run at `path` (`OUT/final` also gets the stage's
-        final files and, with LoRA, the merged model or base + adapter/). Main process only."""
-        if not self.accelerator.is_main_process:
-            return path
-        extra: dict[str, Callable[[Path], None]] = {"trainer_state": self._write_state}
+        final files and, with LoRA, the merged model or base + adapter/). Every process calls it
+        (gathering FSDP2 shards and the final files' forwards are collective); the main one writes,
+        and every one returns once the checkpoint is complete."""
+        acc = self.accelerator
+        # (model state, optimizer state) of each trained model: full tensors, gathered when sharded
+        states = [(full_model_state(t.model), full_optimizer_state(t.model, t.optimizer)) for t in self.trained]
+        extra: dict[str, Callable[[Path], None]] = {"trainer_state": lambda trainer_dir: self._write_state(trainer_dir, states)}
         if path.name == "final":
             self.model.eval()
             extra.update(self._stage.final_files(self.unwrapped) if self._stage is not None else {})
-            extra.update(finish_lora(self.unwrapped, self.recipe.lora))
-        return save_checkpoint(self.unwrapped, self.tokenizer, path, extra=extra)
+        if acc.is_main_process:
+            if path.name == "final":
+                extra.update(finish_lora(self.unwrapped, self.recipe.lora))
+            save_checkpoint(self.unwrapped, self.tokenizer, path, extra=extra, state_dict=states[0][0])
+        acc.wait_for_everyone()
+        return path
 
-    def _write_state(self, trainer_dir: Path) -> None:
+    def _write_state(self, trainer_dir: Path, states: list[tuple[dict[str, torch.Tensor] | None, dict[str, Any]]]) -> None:
         trainer_dir.mkdir()
         policy, *others = self.trained
-        torch.save(policy.optimizer.state_dict(), trainer_dir / "optimizer.pt")
+        torch.save(states[0][1], trainer_dir / "optimizer.pt")
         torch.save(policy.scheduler.state_dict(), trainer_dir / "scheduler.pt")
-        for trained in others:
-            torch.save(trained.optimizer.state_dict(), trainer_dir / f"{trained.name}_optimizer.pt")
-            save_checkpoint(self.accelerator.unwrap_model(trained.model), None, trainer_dir / trained.name, kind=trained.name)
+        for trained, (model_state, optimizer_state) in zip(others, states[1:]):
+            torch.save(optimizer_state, trainer_dir / f"{trained.name}_optimizer.pt")
+            save_checkpoint(self.accelerator.unwrap_model(trained.model), None, trainer_dir / trained.name, kind=trained.name, state_dict=model_state)
         save_rng(trainer_dir / "rng.pt")
         own = self._stage.state_dict() if self._stage is not None else {}
         state = {**asdict(self.state), "extra": {"iteration": self.iteration, **own}}
@@ -275,11 +289,12 @@ class Run:
         device = self.device
         load_weights(self.unwrapped, checkpoint)
         policy, *others = self.trained
-        policy.optimizer.load_state_dict(load_trainer_file(trainer_dir / "optimizer.pt", map_location=device, weights_only=True))
+        load_optimizer_state(policy.model, policy.optimizer, load_trainer_file(trainer_dir / "optimizer.pt", map_location=device, weights_only=True))
         policy.scheduler.load_state_dict(load_trainer_file(trainer_dir / "scheduler.pt", weights_only=True))
         for trained in others:
             load_weights(self.accelerator.unwrap_model(trained.model), trainer_dir / trained.name)
-            trained.optimizer.load_state_dict(load_trainer_file(trainer_dir / f"{trained.name}_optimizer.pt", map_location=device, weights_only=True))
+            state = load_trainer_file(trainer_dir / f"{trained.name}_optimizer.pt", map_location=device, weights_only=True)
+            load_optimizer_state(trained.model, trained.optimizer, state)
         load_rng(trainer_dir / "rng.pt")
         self.state, self.iteration = LoopState(**saved), iteration
         stage.load_state_dict(extra)

@@ -21,6 +21,7 @@ from bitnet_rl.data.load import check_fits_context, choose_chat, load_records, t
 from bitnet_rl.data.prompts import context_length
 from bitnet_rl.data.sft import IGNORE_INDEX, SFTCollator, pack_examples, tokenize_sft, train_val_split
 from bitnet_rl.data.tokenizer import pad_id
+from bitnet_rl.distributed.launch import process_device
 from bitnet_rl.models.build import build_policy
 from bitnet_rl.models.io import prompt_format_of, set_prompt_format
 from bitnet_rl.recipe import Recipe
@@ -55,6 +56,11 @@ def sft_loss_fn(aggregation: str):
     return loss_fn
 
 
+def label_tokens(batch: dict[str, torch.Tensor]) -> float:
+    """Tokens the mean loss averages over: shifted labels that are not IGNORE_INDEX."""
+    return float((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
 @torch.no_grad()
 def evaluate_loss(model: nn.Module, examples: list[dict], collate, batch_size: int = 16) -> dict[str, float]:
     """Mean next-token loss over all trainable tokens of `examples`, and its perplexity."""
@@ -72,7 +78,7 @@ def evaluate_loss(model: nn.Module, examples: list[dict], collate, batch_size: i
 
 def run_sft(recipe: Recipe, resume: str | None = None, device: str | None = None, overwrite: bool = False) -> Path:
     """Train the recipe's policy on its data; returns the final checkpoint directory."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or process_device()  # this worker's GPU under `--num-processes`
     check_run(recipe.out, "sft", resume, overwrite)  # OUT and --resume, before loading anything
     data = recipe.data
     records, fmt = load_records(data, data.path, "sft", seed=recipe.train.seed)
@@ -95,5 +101,6 @@ def run_sft(recipe: Recipe, resume: str | None = None, device: str | None = None
         collate=collate,
         loss_fn=sft_loss_fn(recipe.train.loss_aggregation),
         eval_fn=(lambda m: evaluate_loss(m, val_examples, collate)) if val_examples else None,
+        loss_items=label_tokens if recipe.train.loss_aggregation == "mean" else None,
     )
     return train(stage, recipe, resume=resume, overwrite=overwrite)

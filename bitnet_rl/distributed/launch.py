@@ -1,0 +1,132 @@
+"""`bitnet-rl CMD --num-processes N`: validate, then re-run the same command in N workers via `accelerate launch`.
+
+The parent process validates the recipe (a bad value is one line and exit 2 before anything
+starts), then runs `python -m accelerate.commands.launch ... -m bitnet_rl.cli CMD ARGS` with the
+same arguments minus `--num-processes`, plus `distributed.num_processes=N` so the workers'
+`recipe.json` records it. Workers are recognised by the `LOCAL_RANK` torchrun gives them and
+never launch again. On a machine without CUDA the workers run on CPU over gloo
+(`ACCELERATE_USE_CPU`). NVLink multicast stays off in every worker environment.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from bitnet_rl.errors import UserError
+
+# NVLink SHARP / multicast objects have hung and crashed NCCL and symmetric-memory collectives on
+# the machines we use; every worker environment we build turns them off.
+MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+FLAG = "--num-processes"
+
+
+def is_worker(env: Mapping[str, str] = os.environ) -> bool:
+    """True inside a process started by torchrun / `accelerate launch` (it must not launch again)."""
+    return "LOCAL_RANK" in env
+
+
+def check_launch(recipe, command: str, num_processes: int, gpus: int) -> None:
+    """UserErrors for a launch that cannot work, before any worker starts."""
+    strategy, accelerate_config = recipe.distributed.strategy, recipe.distributed.accelerate_config
+    if num_processes < 1:
+        raise UserError(f"{FLAG} {num_processes}: needs at least 1 process")
+    if accelerate_config is not None and not Path(accelerate_config).is_file():
+        raise UserError(f"distributed.accelerate_config={accelerate_config}: no such file (write one with `accelerate config`)")
+    if gpus and num_processes > gpus and accelerate_config is None:
+        raise UserError(f"{FLAG} {num_processes}: only {gpus} GPU{'s' if gpus != 1 else ''} visible (one process per GPU)")
+    if strategy == "fsdp2" and not gpus:
+        raise UserError(
+            "distributed.strategy=fsdp2 needs GPUs: accelerate runs CPU workers with DDP only (it ignores the FSDP plugin); use strategy ddp on CPU"
+        )
+    if strategy == "fsdp2" and recipe.lora.enabled:
+        raise UserError("distributed.strategy=fsdp2 with lora.enabled is not supported (the adapters' merge reads whole weights); use strategy ddp")
+    if strategy == "fsdp2" and command == "ppo" and recipe.rollout.backend == "policy":
+        raise UserError(
+            "rollout.backend=policy cannot sample a sharded (fsdp2) policy: ranks stop generating at different steps; use rollout.backend=packed"
+        )
+
+
+def strip_flag(argv: Sequence[str], flag: str = FLAG) -> list[str]:
+    """`argv` without `flag VALUE` / `flag=VALUE`."""
+    out: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg == flag:
+            skip = True
+            continue
+        if arg.startswith(flag + "="):
+            continue
+        out.append(arg)
+    return out
+
+
+def free_port() -> int:
+    """A TCP port free right now on this host (so concurrent launches do not collide on 29500)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def launch_command(command_argv: Sequence[str], num_processes: int | None, mixed_precision: str, accelerate_config: str | None, port: int) -> list[str]:
+    """The `accelerate launch` command line that runs `bitnet-rl COMMAND_ARGV` in each worker.
+
+    With an accelerate config file and `num_processes` None, the file says how many processes."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
+    if accelerate_config is not None:
+        cmd += ["--config_file", accelerate_config]
+    else:
+        cmd += ["--multi_gpu", "--num_machines", "1", "--dynamo_backend", "no", "--main_process_port", str(port)]
+    if num_processes is not None:
+        cmd += ["--num_processes", str(num_processes)]
+    cmd += ["--mixed_precision", mixed_precision, "-m", "bitnet_rl.cli", *command_argv]
+    return cmd + ([f"distributed.num_processes={num_processes}"] if num_processes is not None else [])
+
+
+def worker_env(base: Mapping[str, str], cuda: bool) -> dict[str, str]:
+    """The workers' environment: `base`, NVLink multicast off, CPU workers (gloo) without CUDA,
+    one torch thread per worker unless OMP_NUM_THREADS is set."""
+    env = {**base, **MULTICAST_OFF}
+    if not cuda:
+        env["ACCELERATE_USE_CPU"] = "true"
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def maybe_launch(recipe, command: str, flag_value: int | None, argv: Sequence[str] | None = None) -> int | None:
+    """Start the workers when more than one process is asked for and this is not a worker.
+
+    Returns the workers' exit code, or None when this process should train itself.
+    """
+    import torch
+
+    dist = recipe.distributed
+    num_processes = flag_value if flag_value is not None else dist.num_processes
+    if is_worker():
+        return None
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    check_launch(recipe, command, num_processes, gpus)
+    if num_processes == 1 and dist.accelerate_config is None:
+        return None
+    command_argv = strip_flag(list(argv if argv is not None else sys.argv[1:]))
+    explicit = flag_value is not None or "num_processes" in dist.model_fields_set
+    count = num_processes if explicit or dist.accelerate_config is None else None  # else the config file's
+    cmd = launch_command(command_argv, count, recipe.train.mixed_precision, dist.accelerate_config, free_port())
+    return subprocess.run(cmd, env=worker_env(os.environ, cuda=gpus > 0)).returncode
+
+
+def process_device() -> str:
+    """This process's device before an accelerator exists: its own GPU (`cuda:LOCAL_RANK`, so N
+    workers do not all build their model on GPU 0 first), else the CPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"

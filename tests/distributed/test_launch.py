@@ -1,0 +1,89 @@
+"""`--num-processes` and the recipe's `distributed:` section: the launch command, the workers'
+environment, and one-line errors (exit 2) before any worker starts."""
+
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from bitnet_rl.cli import app
+from bitnet_rl.distributed.launch import MULTICAST_OFF, is_worker, launch_command, strip_flag, worker_env
+
+runner = CliRunner()
+
+
+def test_strip_flag_removes_both_spellings():
+    argv = ["sft", "r.yaml", "--num-processes", "2", "train.max_steps=3", "--num-processes=4", "--out", "o"]
+    assert strip_flag(argv) == ["sft", "r.yaml", "train.max_steps=3", "--out", "o"]
+
+
+def test_launch_command_reruns_the_cli_in_workers():
+    cmd = launch_command(["sft", "r.yaml", "--out", "o"], 2, "bf16", None, port=29555)
+    assert cmd[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
+    tail = cmd[cmd.index("-m", 3) :]
+    assert tail == ["-m", "bitnet_rl.cli", "sft", "r.yaml", "--out", "o", "distributed.num_processes=2"]
+    for flag, value in (("--num_processes", "2"), ("--mixed_precision", "bf16"), ("--main_process_port", "29555")):
+        assert cmd[cmd.index(flag) + 1] == value
+    with_config = launch_command(["ppo"], 4, "no", "acc.yaml", port=1)
+    assert with_config[with_config.index("--config_file") + 1] == "acc.yaml" and "--main_process_port" not in with_config
+    from_config = launch_command(["ppo"], None, "no", "acc.yaml", port=1)  # the file says how many
+    assert "--num_processes" not in from_config and from_config[-1] == "ppo"
+
+
+def test_worker_env_turns_multicast_off_and_picks_gloo_on_cpu():
+    env = worker_env({"PATH": "/bin", "OMP_NUM_THREADS": "3"}, cuda=False)
+    assert all(env[k] == v for k, v in MULTICAST_OFF.items())
+    assert env["NCCL_NVLS_ENABLE"] == "0" and env["TORCH_SYMM_MEM_DISABLE_MULTICAST"] == "1" and env["NVSHMEM_DISABLE_NVLS"] == "1"
+    assert env["ACCELERATE_USE_CPU"] == "true" and env["OMP_NUM_THREADS"] == "3" and env["PATH"] == "/bin"
+    gpu = worker_env({}, cuda=True)
+    assert "ACCELERATE_USE_CPU" not in gpu and gpu["OMP_NUM_THREADS"] == "1" and gpu["NCCL_NVLS_ENABLE"] == "0"
+    assert is_worker({"LOCAL_RANK": "0"}) and not is_worker({})
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--num-processes", "0"], "--num-processes 0: needs at least 1 process"),
+        (["distributed.num_processes=0"], "distributed.num_processes"),
+        (["distributed.strategy=zero3"], "distributed.strategy"),
+        (["distributed.strategy=fsdp2", "--num-processes", "2"], "strategy=fsdp2 needs GPUs"),
+        (["distributed.accelerate_config=/nonexistent/acc.yaml"], "no such file"),
+        (["distributed.launcher=torchrun"], "unknown key distributed.launcher"),
+    ],
+)
+def test_bad_distributed_settings_are_one_line_exit_2(tmp_path, monkeypatch, args, message):
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    result = runner.invoke(app, ["sft", "recipes/tiny/sft.yaml", "--out", str(tmp_path / "o"), *args])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.output
+    assert not (tmp_path / "o").exists()  # nothing started
+
+
+def test_fsdp2_refuses_lora_and_policy_sampling(tmp_path, monkeypatch):
+    from bitnet_rl.distributed.launch import check_launch
+    from bitnet_rl.errors import UserError
+    from bitnet_rl.recipe import load_recipe
+
+    recipe = load_recipe(None, ["distributed.strategy=fsdp2", "rollout.backend=policy"], stage="ppo")
+    with pytest.raises(UserError, match="rollout.backend=policy cannot sample a sharded"):
+        check_launch(recipe, "ppo", 2, gpus=2)
+    with pytest.raises(UserError, match="only 2 GPUs visible"):
+        check_launch(recipe, "ppo", 4, gpus=2)
+    lora = load_recipe(None, ["distributed.strategy=fsdp2", "lora.enabled=true"], stage="sft")
+    with pytest.raises(UserError, match="lora"):
+        check_launch(lora, "sft", 2, gpus=2)
+
+
+def test_each_worker_builds_its_model_on_its_own_gpu(monkeypatch):
+    import torch
+
+    from bitnet_rl.distributed.launch import process_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert process_device() == "cuda:3"
+    monkeypatch.delenv("LOCAL_RANK")
+    assert process_device() == "cuda:0"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert process_device() == "cpu"
