@@ -23,6 +23,7 @@ from bitnet_rl.recipe import Recipe, TinyModelConfig, validate
 from bitnet_rl.rewards.python_fn import PythonReward
 
 REWARD_SPEC = "reward_models.demo_task:reward"
+GRPO_REWARD_SPEC = "reward_models.demo_task:exact_match"  # GRPO trains on exact match; every stage is evaluated with REWARD_SPEC
 EVAL_PROMPTS = 256
 MAX_NEW_TOKENS = 12
 FINAL_EVAL_PROMPTS, FINAL_EVAL_SAMPLES = 128, 4
@@ -180,7 +181,7 @@ GRPO_RECIPE: dict[str, Any] = {
     "ppo": {
         "prompts": "demo",
         "num_prompts": 1024,
-        "iterations": 100,
+        "iterations": 200,
         "prompts_per_iteration": 32,
         "samples_per_prompt": 8,
         "advantage": "grpo",
@@ -189,10 +190,13 @@ GRPO_RECIPE: dict[str, Any] = {
         "kl_estimator": "k3",
         "epochs": 1,
         "minibatch_size": 128,
-        "micro_batch_size": 64,
+        "micro_batch_size": 128,
         "missing_eos_penalty": -1.0,
         "rollout_correction": "token_tis",
         "rollout_correction_cap": 2.0,
+        "clip_eps_high": 0.28,
+        "dynamic_sampling": True,
+        "dynamic_sampling_rounds": 2,
         "eval_every": 25,
     },
     "optimizer": {"lr": 3e-4},
@@ -239,15 +243,16 @@ def stage_rm(ctx: Context) -> Path:
 def stage_grpo_python(ctx: Context) -> Path:
     from bitnet_rl.train.ppo import run_ppo
 
-    ppo = dict(GRPO_RECIPE["ppo"], rewards=[{"source": REWARD_SPEC}])
+    ppo = dict(GRPO_RECIPE["ppo"], rewards=[{"source": GRPO_REWARD_SPEC}])
     return run_ppo(_stage_recipe(ctx, {**GRPO_RECIPE, "ppo": ppo}, "grpo-python", ctx.checkpoints["sft"]), overwrite=True)
 
 
 def stage_ppo_learned(ctx: Context) -> Path:
     from bitnet_rl.train.ppo import run_ppo
 
-    # a learned reward can be gamed: a stronger KL anchor keeps the policy near the RM's training data
-    ppo = dict(PPO_RECIPE["ppo"], rewards=[{"source": str(ctx.checkpoints["rm"])}], kl_coef=0.2)
+    # a learned reward can be gamed: a stronger KL anchor keeps the policy near the RM's training data;
+    # 60 iterations (of ppo.yaml's 100) keep the whole quickstart within 3 minutes (100 gave 56.6 %, 60 gave 57.8 %)
+    ppo = dict(PPO_RECIPE["ppo"], rewards=[{"source": str(ctx.checkpoints["rm"])}], kl_coef=0.2, iterations=60)
     return run_ppo(_stage_recipe(ctx, {**PPO_RECIPE, "ppo": ppo}, "ppo-rm", ctx.checkpoints["sft"]), overwrite=True)
 
 

@@ -58,6 +58,16 @@ def reward(prompts: list[str], completions: list[str], **meta: Any) -> list[floa
     return [score(parse_prompt(prompt), completion) for prompt, completion in zip(prompts, completions, strict=True)]
 
 
+def exact_match(prompts: list[str], completions: list[str], **meta: Any) -> list[float]:
+    """1.0 when the completion is exactly sorted, else 0.0: the quickstart's GRPO reward.
+
+    With group-normalized advantages, partial credit ranks wrong answers against each other (a
+    dropped repeated digit vs a wrong digit), and groups whose answers are all wrong are never
+    tied, so dynamic sampling keeps spending updates on them. Exact match ties those groups and
+    spends the updates on groups with a right answer (measured in the README's "RL" section)."""
+    return [float(is_correct(prompt, completion)) for prompt, completion in zip(prompts, completions, strict=True)]
+
+
 def is_correct(prompt: str, completion: str) -> bool:
     """True when the completion is exactly the prompt's digits in ascending order."""
     return parse_completion(completion) == sorted(parse_prompt(prompt))

@@ -32,10 +32,11 @@ def test_table_formatting():
 
 
 def test_shipped_grpo_recipe_is_the_quickstart_grpo_stage():
-    from bitnet_rl.quickstart import GRPO_RECIPE
+    from bitnet_rl.quickstart import GRPO_RECIPE, GRPO_REWARD_SPEC
 
     grpo = read_yaml(ROOT / "grpo.yaml")
     assert _without(grpo, "out", "model") == {**GRPO_RECIPE, "ppo": {**GRPO_RECIPE["ppo"], "rewards": grpo["ppo"]["rewards"]}}
+    assert [r["source"] for r in grpo["ppo"]["rewards"]] == [GRPO_REWARD_SPEC]
 
 
 @pytest.mark.slow
@@ -55,6 +56,7 @@ def test_quickstart_end_to_end(tmp_path):
     assert list(rows) == ["init", "sft", "dpo", "grpo-python", "ppo-rm"], result.stdout[-3000:]
     assert rows["sft"]["accuracy"] > rows["init"]["accuracy"] + 30
     assert rows["dpo"]["accuracy"] > rows["sft"]["accuracy"] + 5
-    assert rows["grpo-python"]["sampled_reward"] > rows["sft"]["sampled_reward"] + 0.03
+    assert rows["grpo-python"]["sampled_reward"] > rows["sft"]["sampled_reward"] + 0.08
+    assert rows["grpo-python"]["accuracy"] > rows["sft"]["accuracy"] + 10  # 55.5 % -> 74.6 % (69.1-77.3 % over runs and seeds)
     assert rows["ppo-rm"]["accuracy"] >= rows["sft"]["accuracy"] - 3  # the learned RM is no longer gamed
     assert "## Summary" in (out / "eval" / "report.md").read_text()

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from reward_models.demo_task import is_correct, parse_prompt, reward  # noqa: E402
+from reward_models.demo_task import exact_match, is_correct, parse_prompt, reward  # noqa: E402
 
 PROMPT = "sort: 3 1 2 ="
 
@@ -53,6 +53,14 @@ def test_reward_parses_chat_prompts_and_rejects_others():
     assert parse_prompt("<s><|user|>\nsort: 3 1 2 =\n<|assistant|>\n") == [3, 1, 2]
     with pytest.raises(ValueError, match="not a demo-task prompt"):
         reward(["what is 2+2?"], [" 4"])
+
+
+def test_exact_match_is_one_only_where_the_partial_reward_is_one():
+    prompts = ["sort: 5 0 5 ="] * 4 + [PROMPT]
+    completions = [" 0 5 5", " 0 5", " 0 5 5 5", " 5 0 5", "1 2 3\n"]  # right, a repeat dropped, one added, unsorted; trailing newline
+    assert exact_match(prompts, completions, answer="ignored") == [1.0, 0.0, 0.0, 0.0, 1.0]
+    assert [float(r == 1.0) for r in reward(prompts, completions)] == exact_match(prompts, completions)
+    assert 0.0 < reward(prompts[1:2], completions[1:2])[0] < 1.0  # partial credit for the dropped repeat
 
 
 def test_is_correct():
