@@ -17,6 +17,7 @@ from typing import Any, Callable
 import torch
 
 from bitnet_rl.recipe import PPOConfig, RolloutConfig
+from bitnet_rl.rewards.base import RewardError
 from bitnet_rl.rl.shaping import overlong_penalty, tied_groups
 from bitnet_rl.rollout.output import RolloutOutput
 from bitnet_rl.rollout.output import concat_rollouts
@@ -90,23 +91,35 @@ def _concat(parts: list[Sampled]) -> Sampled:
     )
 
 
+def _agreed_round(round_fn: Callable[[int], Sampled], index: int, everyone: Callable[[bool], bool]) -> Sampled:
+    """`round_fn(index)`, raising on every process when a reward source failed on any of them."""
+    error: RewardError | None = None
+    try:
+        result = round_fn(index)
+    except RewardError as err:
+        error = err
+    if not everyone(error is None):
+        raise error or RewardError("a reward source failed in another process (its error is above); stopping")
+    return result
+
+
 def sample_groups(round_fn: Callable[[int], Sampled], cfg: PPOConfig, everyone: Callable[[bool], bool] = bool) -> Sampled:
     """Round 0, then (dynamic sampling) more rounds until `prompts_per_iteration` groups have untied scores.
 
     `round_fn(r)` samples round r with fresh prompts. Without dynamic sampling this is round 0 as is.
     `everyone(done)` is True when every process is done (several processes: an all-reduce), so all
-    ranks sample the same number of rounds and their prompt samplers stay in step.
+    ranks sample the same number of rounds and their prompt samplers stay in step. A reward error in
+    any round stops every process at that round (each raises), so no rank waits in a collective.
     """
-    first = round_fn(0)
     if not cfg.dynamic_sampling:
-        return first
+        return round_fn(0)  # one round: the caller agrees on errors across processes
     group, target = cfg.samples_per_prompt, cfg.prompts_per_iteration
     informative: list[Sampled] = []
     tied: list[Sampled] = []
     kept = dropped = 0
     rounds = 0
     generate_seconds = score_seconds = 0.0
-    current = first
+    current = _agreed_round(round_fn, 0, everyone)
     while True:
         rounds += 1
         generate_seconds += current.generate_seconds
@@ -121,7 +134,7 @@ def sample_groups(round_fn: Callable[[int], Sampled], cfg: PPOConfig, everyone: 
             dropped += int(is_tied.sum())
         if everyone(kept >= target or rounds > cfg.dynamic_sampling_rounds):
             break
-        current = round_fn(rounds)
+        current = _agreed_round(round_fn, rounds, everyone)
     parts = informative + tied
     batch = _concat(parts)  # informative groups first, tied ones only to fill up
     result = _rows(batch, torch.arange(target * group))

@@ -42,4 +42,7 @@ def rl_recipe(advantage: str, model: Path, out: Path, processes: int):
         f"ppo.samples_per_prompt={group}", f"ppo.minibatch_size={per_rank * group}", f"ppo.micro_batch_size={per_rank * group // 2}",
         "ppo.iterations=3", "ppo.eval_prompts=0", "ppo.num_prompts=64", "logging.progress=false", "logging.health_every=2",
         "scheduler.warmup_steps=0", "optimizer.lr=0.001", "checkpoint.every=0",
+        # pinned, whatever the shipped recipe says: one round per iteration (refill rounds draw other prompts
+        # per rank than one process would) and the partial-credit reward (a tiny policy's exact matches barely move)
+        "ppo.dynamic_sampling=false", 'ppo.rewards=[{"source": "reward_models.demo_task:reward"}]',
     ], stage="ppo")  # fmt: skip

@@ -36,6 +36,33 @@ def test_dynamic_sampling_runs_the_same_rounds_on_every_rank():
     assert alone.rounds == 1  # one process stops as soon as it is done
 
 
+def test_a_reward_error_in_a_refill_round_stops_every_rank_at_that_round():
+    from bitnet_rl.rewards.base import RewardError
+
+    cfg = PPOConfig(advantage="grpo", samples_per_prompt=2, prompts_per_iteration=2, dynamic_sampling=True, dynamic_sampling_rounds=3)
+    tied = [[1.0, 1.0, 0.0, 0.0]] * 4  # never enough untied groups: every rank wants more rounds
+
+    def rank_fn(rank, reduce):
+        calls = []
+        everyone = lambda ok: float(reduce(torch.tensor([0.0 if ok else 1.0]))[0]) == 0.0  # noqa: E731 (collective.all_ranks)
+
+        def round_fn(r):
+            calls.append(r)
+            if rank == 1 and r == 2:
+                raise RewardError("reward failed on rank 1")
+            return fake_round(tied[r], r)
+
+        try:
+            sample_groups(round_fn, cfg, everyone=everyone)
+        except RewardError as err:
+            return calls, str(err)
+        return calls, None
+
+    (calls0, error0), (calls1, error1) = run_ranks(rank_fn, 2)
+    assert calls0 == calls1 == [0, 1, 2]  # rank 0 does not draw a round rank 1 never joins (that hung before)
+    assert error1 == "reward failed on rank 1" and "another process" in error0
+
+
 def test_fsdp2_refuses_a_shard_group_of_mixed_dtypes():
     from bitnet_rl.distributed.fsdp import check_uniform_dtypes
     from bitnet_rl.models.build import build_policy
