@@ -189,13 +189,8 @@ class PPOTrainer:
             seed = self.recipe.train.seed * 100_003 + iteration * acc.num_processes + acc.process_index + round_index * 7_919_113
             return sample_round(self.generator, self.tokenizer, self.reward, prompts, prompt_ids, cfg, self.recipe.rollout, seed, device)
 
-        failure = None
-        try:
-            sampled = sample_groups(round_fn, cfg, everyone=all_ranks(acc))  # as many rounds on every rank
-        except RewardError as err:  # every rank learns of it, so all of them save and stop together
-            failure = err
-        if not all_ranks(acc)(failure is None):
-            raise failure or RewardError("a reward source failed in another process (its error is above); stopping")
+        # as many rounds on every rank; a reward error anywhere raises on every rank, so all of them save and stop together
+        sampled = sample_groups(round_fn, cfg, everyone=all_ranks(acc))
         t1 = time.perf_counter()
         exp = experience_from_rollout(sampled.out, sampled.scores, device)
         mask = exp.mask

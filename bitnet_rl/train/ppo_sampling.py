@@ -112,7 +112,7 @@ def sample_groups(round_fn: Callable[[int], Sampled], cfg: PPOConfig, everyone: 
     any round stops every process at that round (each raises), so no rank waits in a collective.
     """
     if not cfg.dynamic_sampling:
-        return round_fn(0)  # one round: the caller agrees on errors across processes
+        return _agreed_round(round_fn, 0, everyone)
     group, target = cfg.samples_per_prompt, cfg.prompts_per_iteration
     informative: list[Sampled] = []
     tied: list[Sampled] = []
