@@ -96,8 +96,10 @@ def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path, merge_l
     out = Path(out)
     if out.resolve() == source.resolve():
         raise UserError(f"--out {out} is the checkpoint itself; choose another directory")
-    if merge_lora and not (source / "adapter" / "adapter_config.json").is_file():
-        raise UserError(f"--merge-lora: {source} has no adapter/ (train with lora.merge=false to get one)")
+    if merge_lora:
+        from bitnet_rl.lora.merge import require_adapter
+
+        require_adapter(source)
     policy = load_policy(source, dtype=stored_dtype(raw)).eval()  # merges an adapter/ it finds
     final = write(policy, load_tokenizer(source), out, **options)
     return ExportResult(final, dir_sizes(final), weight_bytes(source))

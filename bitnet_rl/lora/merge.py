@@ -9,6 +9,13 @@ import torch.nn as nn
 
 from bitnet_rl.errors import UserError
 from bitnet_rl.lora.apply import apply_lora, merge_lora
+from bitnet_rl.models.io import has_adapter
+
+
+def require_adapter(checkpoint: str | Path) -> None:
+    """One-line error unless `checkpoint` holds `adapter/` (`--merge-lora` asks for one)."""
+    if not has_adapter(checkpoint):
+        raise UserError(f"--merge-lora: {checkpoint} has no adapter/ (train with lora.merge=false to get one)")
 
 
 def load_adapter(policy: nn.Module, checkpoint: Path) -> nn.Module:
@@ -17,9 +24,8 @@ def load_adapter(policy: nn.Module, checkpoint: Path) -> nn.Module:
 
     from bitnet_rl.recipe import LoraSettings
 
+    require_adapter(checkpoint)
     folder = Path(checkpoint) / "adapter"
-    if not (folder / "adapter_config.json").is_file():
-        raise UserError(f"--merge-lora: {checkpoint} has no adapter/ (train with lora.merge=false to get one)")
     config = json.loads((folder / "adapter_config.json").read_text())
     settings = LoraSettings(
         enabled=True,

@@ -132,6 +132,11 @@ def saved_quant(raw_config: dict[str, Any]) -> QuantConfig:
     return QuantConfig(**saved) if saved else QuantConfig()
 
 
+def has_adapter(checkpoint: str | Path) -> bool:
+    """True when `checkpoint` holds `adapter/` (written by a LoRA run with `lora.merge: false`)."""
+    return (Path(checkpoint) / "adapter" / "adapter_config.json").is_file()
+
+
 def load_policy(
     path: str | Path,
     *,
@@ -175,7 +180,7 @@ def load_policy(
     quantize_model(model, quant, lam)
     if not bitlinear_modules(model):
         raise UserError(f"{path}: no q/k/v/o/gate/up/down projections found to quantize in {type(model).__name__}")
-    if (path / "adapter" / "adapter_config.json").is_file():  # written by lora.merge: false: the model is base + adapter
+    if has_adapter(path):  # written by lora.merge: false: the model is base + adapter
         from bitnet_rl.lora.merge import merge_saved_adapter
 
         model = merge_saved_adapter(model, path)
