@@ -18,7 +18,6 @@ quickstart's 256 held-out prompts and the seconds taken. Run with OMP_NUM_THREAD
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import time
 from pathlib import Path
@@ -42,8 +41,9 @@ def greedy_accuracy(checkpoint: Path) -> float:
 
 def run_sft(args) -> dict:
     shape = {"hidden_size": args.hidden, "num_hidden_layers": args.layers, "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": args.intermediate}
-    qs.TINY_SHAPE = shape  # stage_init reads it
-    qs.SFT_RECIPE = {**qs.SFT_RECIPE, "checkpoint": {"every": 100_000, "keep_last": 1}}
+    shipped = qs.shipped_recipe
+    qs.tiny_shape = lambda: shape  # stage_init reads it
+    qs.shipped_recipe = lambda name: {**shipped(name), "checkpoint": {"every": 100_000, "keep_last": 1}} if name == "sft" else shipped(name)
     torch.manual_seed(0)
     ctx = qs.Context(out=Path(args.out), steps=args.steps, progress=False)
     ctx.out.mkdir(parents=True, exist_ok=True)
@@ -76,7 +76,7 @@ def run_grpo(args) -> dict:
 
     if args.advantages != "grpo":
         patch_advantages(args.advantages)
-    data = copy.deepcopy(qs.GRPO_RECIPE)
+    data = qs.shipped_recipe("grpo")
     data["ppo"]["rewards"] = [{"source": args.reward}]
     for section, values in json.loads(args.set).items():
         data.setdefault(section, {}).update(values)
@@ -126,7 +126,7 @@ def run_own_samples(args) -> dict:
 
     policy, tokenizer = load_policy(args.checkpoint).eval(), load_tokenizer(args.checkpoint)
     generator = make_generator(policy, "packed", max_batch_size=512, max_seq_len=64)
-    prompts, records = make_prompts(qs.GRPO_RECIPE["ppo"]["num_prompts"], seed=0), []
+    prompts, records = make_prompts(qs.shipped_recipe("grpo")["ppo"]["num_prompts"], seed=0), []
     for i in range(0, len(prompts), 64):
         repeated = [p for p in prompts[i : i + 64] for _ in range(8)]
         out = generator.generate([tokenizer(p)["input_ids"] for p in repeated], max_new_tokens=qs.MAX_NEW_TOKENS, temperature=1.0, stop_token_ids=[tokenizer.eos_token_id], seed=i)
@@ -141,7 +141,7 @@ def run_continue(args) -> dict:
     """More SFT from a checkpoint (fresh optimizer, constant LR after 20 warm-up steps, batch 32)."""
     from bitnet_rl.train.sft import run_sft as sft
 
-    data = qs.SFT_RECIPE["data"] if args.data == "demo" else {"path": args.data, "max_length": 32, "val_fraction": 0.05}
+    data = qs.shipped_recipe("sft")["data"] if args.data == "demo" else {"path": args.data, "max_length": 32, "val_fraction": 0.05}
     recipe = {
         "out": args.out, "model": {"path": args.checkpoint}, "data": data, "optimizer": {"lr": args.lr},
         "scheduler": {"kind": "constant", "warmup_steps": 20}, "train": {"max_steps": args.steps, "batch_size": 32},

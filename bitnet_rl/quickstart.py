@@ -2,8 +2,8 @@
 
 A sequence of stages, each reading the previous stage's checkpoint and adding a row to the
 before/after table: the random model, then SFT (with a linear λ warm-up), then the alignment
-stages. Every stage runs from the shipped `recipes/tiny/*.yaml` defaults (embedded here, so
-the command works from an installed package too).
+stages. Every stage runs the `recipes/tiny/*.yaml` recipe shipped inside the package (so the
+command works from an installed package too), with its own output directory and input model.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from bitnet_rl.data.demo import format_completion, make_prompts
 from bitnet_rl.data.sft import tokenize_sft
 from bitnet_rl.data.tokenizer import pad_id
 from bitnet_rl.models.io import load_policy, load_tokenizer, save_checkpoint
-from bitnet_rl.recipe import Recipe, TinyModelConfig, validate
+from bitnet_rl.recipe import SHIPPED_RECIPES, Recipe, TinyModelConfig, read_yaml, validate
 from bitnet_rl.rewards.python_fn import PythonReward
 
 REWARD_SPEC = "reward_models.demo_task:reward"
@@ -28,16 +28,16 @@ EVAL_PROMPTS = 256
 MAX_NEW_TOKENS = 12
 FINAL_EVAL_PROMPTS, FINAL_EVAL_SAMPLES = 128, 4
 
-TINY_SHAPE = {"hidden_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 256}
-SFT_RECIPE: dict[str, Any] = {
-    "quant": {"schedule": {"kind": "linear", "warmup_steps": 100}},
-    "data": {"path": "demo", "demo_size": 4000, "max_length": 32, "val_fraction": 0.05},
-    "optimizer": {"lr": 3e-3},
-    "scheduler": {"kind": "cosine", "warmup_steps": 20, "min_lr_ratio": 0.1},
-    "train": {"max_steps": 120, "batch_size": 32},
-    "checkpoint": {"every": 60, "keep_last": 1},
-    "logging": {"every": 10, "health_every": 20},
-}
+
+def shipped_recipe(name: str) -> dict[str, Any]:
+    """`recipes/tiny/NAME.yaml` as the package ships it, less `out` and `model` (each stage sets them)."""
+    data = read_yaml(SHIPPED_RECIPES / "tiny" / f"{name}.yaml")
+    return {key: value for key, value in data.items() if key not in ("out", "model")}
+
+
+def tiny_shape() -> dict[str, Any]:
+    """The model the quickstart builds: `model.tiny` of the shipped `recipes/tiny/sft.yaml`."""
+    return read_yaml(SHIPPED_RECIPES / "tiny" / "sft.yaml")["model"]["tiny"]
 
 
 @dataclass
@@ -125,7 +125,7 @@ def stage_init(ctx: Context) -> Path:
     from bitnet_rl.models.convert import to_bitlinear
     from bitnet_rl.models.tiny import tiny_bitnet
 
-    model, tokenizer = tiny_bitnet(shape=TinyModelConfig(**TINY_SHAPE), seed=0)
+    model, tokenizer = tiny_bitnet(shape=TinyModelConfig(**tiny_shape()), seed=0)
     ctx.tokenizer = tokenizer
     return save_checkpoint(to_bitlinear(model), tokenizer, ctx.out / "init")
 
@@ -133,76 +133,11 @@ def stage_init(ctx: Context) -> Path:
 def stage_sft(ctx: Context) -> Path:
     from bitnet_rl.train.sft import run_sft
 
-    data = dict(SFT_RECIPE, out=str(ctx.out / "sft"), model={"path": str(ctx.checkpoints["init"])})
+    data = dict(shipped_recipe("sft"), out=str(ctx.out / "sft"), model={"path": str(ctx.checkpoints["init"])})
     data["logging"] = dict(data["logging"], progress=ctx.progress)
     if ctx.steps:
         data["train"] = dict(data["train"], max_steps=ctx.steps)
     return run_sft(validate(Recipe, data, "quickstart sft recipe"), overwrite=True)
-
-
-DPO_RECIPE: dict[str, Any] = {
-    "data": {"path": "demo", "format": "prefs", "demo_size": 2000, "max_length": 32, "max_prompt_length": 16, "val_fraction": 0.05},
-    "dpo": {"beta": 0.1, "loss_type": "sigmoid", "rpo_alpha": 1.0, "reference": "ternary"},
-    "optimizer": {"lr": 1e-3},
-    "scheduler": {"kind": "cosine", "warmup_steps": 10},
-    "train": {"max_steps": 150, "batch_size": 32},
-    "logging": {"every": 10, "health_every": 10},
-}
-RM_RECIPE: dict[str, Any] = {
-    "data": {"path": "demo", "format": "prefs", "demo_size": 2000, "max_length": 32, "max_prompt_length": 16, "val_fraction": 0.05},
-    "optimizer": {"lr": 3e-3},
-    "scheduler": {"kind": "cosine", "warmup_steps": 10},
-    "train": {"max_steps": 150, "batch_size": 32},
-    "logging": {"every": 10, "health_every": 0},
-}
-PPO_RECIPE: dict[str, Any] = {
-    "rollout": {"backend": "packed", "max_new_tokens": MAX_NEW_TOKENS, "temperature": 1.0},
-    "ppo": {
-        "prompts": "demo",
-        "num_prompts": 1024,
-        "iterations": 100,
-        "prompts_per_iteration": 128,
-        "samples_per_prompt": 1,
-        "advantage": "gae",
-        "kl_coef": 0.05,
-        "epochs": 1,
-        "minibatch_size": 64,
-        "micro_batch_size": 64,
-        "missing_eos_penalty": -1.0,
-        "rollout_correction": "token_tis",
-        "rollout_correction_cap": 2.0,
-    },
-    "optimizer": {"lr": 2e-4},
-    "scheduler": {"kind": "constant", "warmup_steps": 20},
-    "logging": {"every": 1, "health_every": 10},
-}
-GRPO_RECIPE: dict[str, Any] = {
-    "rollout": {"backend": "packed", "max_new_tokens": MAX_NEW_TOKENS, "temperature": 1.0},
-    "ppo": {
-        "prompts": "demo",
-        "num_prompts": 1024,
-        "iterations": 200,
-        "prompts_per_iteration": 32,
-        "samples_per_prompt": 8,
-        "advantage": "grpo",
-        "kl_coef": 0.02,
-        "kl_mode": "loss",
-        "kl_estimator": "k3",
-        "epochs": 1,
-        "minibatch_size": 128,
-        "micro_batch_size": 128,
-        "missing_eos_penalty": -1.0,
-        "rollout_correction": "token_tis",
-        "rollout_correction_cap": 2.0,
-        "clip_eps_high": 0.28,
-        "dynamic_sampling": True,
-        "dynamic_sampling_rounds": 2,
-        "eval_every": 25,
-    },
-    "optimizer": {"lr": 3e-4},
-    "scheduler": {"kind": "constant", "warmup_steps": 20},
-    "logging": {"every": 1, "health_every": 10},
-}
 
 
 def _stage_recipe(ctx: Context, base: dict[str, Any], name: str, model: Path, **extra: Any) -> Recipe:
@@ -214,7 +149,7 @@ def _stage_recipe(ctx: Context, base: dict[str, Any], name: str, model: Path, **
 def stage_dpo(ctx: Context) -> Path:
     from bitnet_rl.train.dpo import run_dpo
 
-    return run_dpo(_stage_recipe(ctx, DPO_RECIPE, "dpo", ctx.checkpoints["sft"]), overwrite=True)
+    return run_dpo(_stage_recipe(ctx, shipped_recipe("dpo"), "dpo", ctx.checkpoints["sft"]), overwrite=True)
 
 
 def stage_rm(ctx: Context) -> Path:
@@ -229,12 +164,13 @@ def stage_rm(ctx: Context) -> Path:
 
     policy = load_policy(ctx.checkpoints["sft"]).eval()
     generator = make_generator(policy, backend="packed", max_batch_size=256, max_seq_len=64)
-    rl_prompts = make_prompts(PPO_RECIPE["ppo"]["num_prompts"], seed=0)[:512]  # the RL training prompts (seed 0)
+    base, ppo_base = shipped_recipe("rm"), shipped_recipe("ppo")
+    rl_prompts = make_prompts(ppo_base["ppo"]["num_prompts"], seed=0)[:512]  # the RL training prompts (seed 0)
     pairs = onpolicy_pairs(generator, ctx.tokenizer, demo_reward(), rl_prompts, samples=4, max_new_tokens=MAX_NEW_TOKENS)
     prefs = ctx.out / "rm-prefs.jsonl"
-    records = pairs + make_pref_records(RM_RECIPE["data"]["demo_size"], seed=0)
+    records = pairs + make_pref_records(base["data"]["demo_size"], seed=0)
     prefs.write_text("".join(json.dumps(r) + "\n" for r in records))
-    data = {**RM_RECIPE, "data": {**RM_RECIPE["data"], "path": str(prefs)}}
+    data = {**base, "data": {**base["data"], "path": str(prefs)}}
     rm_dir = run_rm(_stage_recipe(ctx, data, "rm", ctx.checkpoints["sft"]), overwrite=True)
     ctx.notes.append(f"reward model ({len(pairs)} on-policy pairs among {len(records)}): {_last_metrics(ctx.out / 'rm')}")
     return rm_dir
@@ -243,8 +179,9 @@ def stage_rm(ctx: Context) -> Path:
 def stage_grpo_python(ctx: Context) -> Path:
     from bitnet_rl.train.ppo import run_ppo
 
-    ppo = dict(GRPO_RECIPE["ppo"], rewards=[{"source": GRPO_REWARD_SPEC}])
-    return run_ppo(_stage_recipe(ctx, {**GRPO_RECIPE, "ppo": ppo}, "grpo-python", ctx.checkpoints["sft"]), overwrite=True)
+    base = shipped_recipe("grpo")
+    ppo = dict(base["ppo"], rewards=[{"source": GRPO_REWARD_SPEC}])
+    return run_ppo(_stage_recipe(ctx, {**base, "ppo": ppo}, "grpo-python", ctx.checkpoints["sft"]), overwrite=True)
 
 
 def stage_ppo_learned(ctx: Context) -> Path:
@@ -252,8 +189,9 @@ def stage_ppo_learned(ctx: Context) -> Path:
 
     # a learned reward can be gamed: a stronger KL anchor keeps the policy near the RM's training data;
     # 60 iterations (of ppo.yaml's 100) keep the whole quickstart within 3 minutes (100 gave 56.6 %, 60 gave 57.8 %)
-    ppo = dict(PPO_RECIPE["ppo"], rewards=[{"source": str(ctx.checkpoints["rm"])}], kl_coef=0.2, iterations=60)
-    return run_ppo(_stage_recipe(ctx, {**PPO_RECIPE, "ppo": ppo}, "ppo-rm", ctx.checkpoints["sft"]), overwrite=True)
+    base = shipped_recipe("ppo")
+    ppo = dict(base["ppo"], rewards=[{"source": str(ctx.checkpoints["rm"])}], kl_coef=0.2, iterations=60)
+    return run_ppo(_stage_recipe(ctx, {**base, "ppo": ppo}, "ppo-rm", ctx.checkpoints["sft"]), overwrite=True)
 
 
 def _last_metrics(out: Path) -> str:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from bitnet_rl.quickstart import DPO_RECIPE, PPO_RECIPE, RM_RECIPE, SFT_RECIPE, TINY_SHAPE, format_table
+from bitnet_rl.quickstart import format_table, shipped_recipe, tiny_shape
 from bitnet_rl.recipe import read_yaml
 
 ROOT = Path(__file__).resolve().parents[1] / "bitnet_rl" / "recipes" / "tiny"
@@ -17,12 +17,12 @@ def _without(data, *keys):
 
 def test_shipped_tiny_recipes_are_the_quickstart_stages():
     sft = read_yaml(ROOT / "sft.yaml")
-    assert sft["model"]["tiny"] == TINY_SHAPE
-    assert _without(sft, "out", "model") == SFT_RECIPE
-    assert _without(read_yaml(ROOT / "dpo.yaml"), "out", "model") == DPO_RECIPE
-    assert _without(read_yaml(ROOT / "rm.yaml"), "out", "model") == RM_RECIPE
+    assert sft["model"]["tiny"] == tiny_shape() == {"hidden_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 256}
+    assert _without(sft, "out", "model") == shipped_recipe("sft")
+    assert _without(read_yaml(ROOT / "dpo.yaml"), "out", "model") == shipped_recipe("dpo")
+    assert _without(read_yaml(ROOT / "rm.yaml"), "out", "model") == shipped_recipe("rm")
     ppo = read_yaml(ROOT / "ppo.yaml")
-    assert _without(ppo, "out", "model") == {**PPO_RECIPE, "ppo": {**PPO_RECIPE["ppo"], "rewards": ppo["ppo"]["rewards"]}}
+    assert _without(ppo, "out", "model") == shipped_recipe("ppo")
 
 
 def test_table_formatting():
@@ -32,10 +32,10 @@ def test_table_formatting():
 
 
 def test_shipped_grpo_recipe_is_the_quickstart_grpo_stage():
-    from bitnet_rl.quickstart import GRPO_RECIPE, GRPO_REWARD_SPEC
+    from bitnet_rl.quickstart import GRPO_REWARD_SPEC
 
     grpo = read_yaml(ROOT / "grpo.yaml")
-    assert _without(grpo, "out", "model") == {**GRPO_RECIPE, "ppo": {**GRPO_RECIPE["ppo"], "rewards": grpo["ppo"]["rewards"]}}
+    assert _without(grpo, "out", "model") == shipped_recipe("grpo")
     assert [r["source"] for r in grpo["ppo"]["rewards"]] == [GRPO_REWARD_SPEC]
 
 
