@@ -125,7 +125,8 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path, monkey
             os.kill(process.pid, signal.SIGKILL)
         code = wait(process)
         if (out / "final").exists():  # finished before the kill landed: start over for more kills
-            assert code == 0
+            # exit 0, or killed between the atomic rename of final/ and the interpreter's exit (seen under load)
+            assert code in (0, -signal.SIGKILL), f"child exited with {code}"
             for checkpoint in visible_checkpoints(out):
                 assert_complete(checkpoint)
                 checked += 1
