@@ -224,6 +224,9 @@ class PPOConfig(Section):
     rollout_correction_cap: float = Field(2.0, gt=1, description="C: weights min(π_old/π_rollout, C); masks keep ratios in [1/C, C].")
     dynamic_sampling: bool = Field(False, description="Drop groups whose rewards all tie and refill with new prompts (DAPO; grpo/rloo).")
     dynamic_sampling_rounds: int = Field(3, ge=0, description="Extra generation rounds allowed per iteration to refill dropped groups.")
+    dynamic_sampling_max_mean: float | None = Field(
+        None, description="Dynamic sampling also drops groups whose mean raw reward exceeds this (PRIME's accuracy ≤ 0.8 filter; 0/1 rewards: mostly solved prompts)."
+    )
     overlong_buffer: int = Field(0, ge=0, description="DAPO soft overlong penalty over the last N tokens before max_new_tokens (0: off).")
     overlong_penalty: float = Field(1.0, ge=0, description="Scale of the overlong penalty (−scale at max_new_tokens).")
     epochs: int = Field(2, gt=0, description="Passes over each rollout batch.")

@@ -35,6 +35,20 @@ def tied_groups(scores: torch.Tensor, group_size: int, tol: float = 1e-6) -> tor
     return (grouped.max(dim=1).values - grouped.min(dim=1).values) <= tol
 
 
+def filtered_groups(scores: torch.Tensor, raw: torch.Tensor, group_size: int, max_mean: float | None = None) -> torch.Tensor:
+    """Groups dynamic sampling drops. (N,), (N,) -> (N / G,) bool
+
+    True where the scores all tie (DAPO: no GRPO/RLOO signal) or, with `max_mean`, where the mean
+    raw reward of the group exceeds it (PRIME's online filter, which keeps prompts of accuracy
+    ≤ 0.8: with 0/1 rewards, a prompt the policy almost always solves. Its one wrong sample gets
+    the group's largest |advantage| and the update mostly sharpens what the policy already does).
+    """
+    dropped = tied_groups(scores, group_size)
+    if max_mean is not None:
+        dropped = dropped | (raw.reshape(-1, group_size).mean(dim=1) > max_mean)
+    return dropped
+
+
 def group_reward_stats(scores: torch.Tensor, group_size: int) -> dict[str, float]:
     """TRL's GRPO reward statistics. (N,) -> {reward_std, frac_reward_zero_std}
 

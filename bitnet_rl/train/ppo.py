@@ -87,6 +87,8 @@ def check_config(cfg: PPOConfig, recipe: Recipe) -> None:
         raise UserError(f"ppo.advantage={cfg.advantage} needs ppo.samples_per_prompt >= 2 (got {cfg.samples_per_prompt})")
     if cfg.dynamic_sampling and not estimator.grouped:
         raise UserError(f"ppo.dynamic_sampling needs a group estimator (grpo, rloo), not ppo.advantage={cfg.advantage}")
+    if cfg.dynamic_sampling_max_mean is not None and not cfg.dynamic_sampling:
+        raise UserError(f"ppo.dynamic_sampling_max_mean={cfg.dynamic_sampling_max_mean} filters groups only with ppo.dynamic_sampling: true")
     if cfg.minibatch_size % cfg.micro_batch_size:
         raise UserError(f"ppo.minibatch_size={cfg.minibatch_size} is not a multiple of ppo.micro_batch_size={cfg.micro_batch_size}")
     if cfg.overlong_buffer > recipe.rollout.max_new_tokens:

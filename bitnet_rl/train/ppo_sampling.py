@@ -2,7 +2,8 @@
 
 One round generates `samples_per_prompt` completions for each picked prompt with the rollout
 generator, scores the decoded text with the reward sources and adds the penalties (missing EOS,
-overlong). With `ppo.dynamic_sampling`, groups whose scores all tie carry no GRPO/RLOO signal:
+overlong). With `ppo.dynamic_sampling`, groups whose scores all tie carry no GRPO/RLOO signal
+(and, with `ppo.dynamic_sampling_max_mean`, groups the policy mostly solves carry little):
 they are dropped and new prompts are drawn, for at most `dynamic_sampling_rounds` extra rounds;
 the batch is then cut back to `prompts_per_iteration` groups (filled up with tied groups if the
 rounds ran out), so every iteration has the same size and optimizer-step count.
@@ -18,7 +19,7 @@ import torch
 
 from bitnet_rl.recipe import PPOConfig, RolloutConfig
 from bitnet_rl.rewards.base import RewardError
-from bitnet_rl.rl.shaping import overlong_penalty, tied_groups
+from bitnet_rl.rl.shaping import filtered_groups, overlong_penalty
 from bitnet_rl.rollout.output import RolloutOutput
 from bitnet_rl.rollout.output import concat_rollouts
 from bitnet_rl.train.experience import select_rollout
@@ -124,7 +125,7 @@ def sample_groups(round_fn: Callable[[int], Sampled], cfg: PPOConfig, everyone: 
         rounds += 1
         generate_seconds += current.generate_seconds
         score_seconds += current.score_seconds
-        is_tied = tied_groups(current.scores, group).cpu()
+        is_tied = filtered_groups(current.scores, current.raw, group, cfg.dynamic_sampling_max_mean).cpu()
         rows = lambda groups: (groups.nonzero().flatten()[:, None] * group + torch.arange(group)).flatten()  # noqa: E731
         if (~is_tied).any():
             informative.append(_rows(current, rows(~is_tied)))

@@ -44,6 +44,25 @@ def test_rounds_run_out_then_tied_groups_fill_up_and_off_means_one_round():
     assert sample_groups(all_tied, off).completions == ["c0.0", "c0.1", "c0.2", "c0.3"]
 
 
+def test_max_mean_also_drops_mostly_solved_groups():
+    # groups of 4: [1,1,1,0] mean 0.75 > 0.6 dropped; [1,0,0,0] mean 0.25 kept; ties dropped as before
+    from bitnet_rl.rl.shaping import filtered_groups
+
+    scores = torch.tensor([1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0])
+    assert filtered_groups(scores, scores, 4).tolist() == [False, False, True, True]
+    assert filtered_groups(scores, scores, 4, max_mean=0.6).tolist() == [True, False, True, True]
+    assert filtered_groups(scores, scores, 4, max_mean=0.75).tolist() == [False, False, True, True]  # "exceeds": 0.75 stays
+    # the raw reward decides, not the penalised score: a missing-EOS penalty does not hide a solved group
+    shaped = scores - torch.tensor([0, 0, 0, 1.0] + [0.0] * 12)
+    assert filtered_groups(shaped, scores, 4, max_mean=0.6).tolist() == [True, False, True, True]
+    rounds = [[1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]]
+    cfg = PPOConfig(advantage="grpo", samples_per_prompt=4, prompts_per_iteration=2, dynamic_sampling=True, dynamic_sampling_rounds=1, dynamic_sampling_max_mean=0.6)
+    got = sample_groups(lambda r: fake_round(rounds[r], r), cfg)
+    # round 0 keeps its second group; round 1 has none under 0.6, so the first dropped group fills up
+    assert got.completions == ["c0.4", "c0.5", "c0.6", "c0.7", "c0.0", "c0.1", "c0.2", "c0.3"]
+    assert got.rounds == 2 and got.dropped_groups == 3
+
+
 def test_shaped_scores_add_eos_and_overlong_penalties():
     cfg = PPOConfig(missing_eos_penalty=-1.0, overlong_buffer=4, overlong_penalty=0.5)
     raw = torch.tensor([1.0, 1.0, 1.0])
@@ -65,6 +84,7 @@ def test_check_config_names_the_conflicting_keys():
 
     for ppo, key in [
         ({"advantage": "gae", "dynamic_sampling": True}, "dynamic_sampling"),
+        ({"advantage": "grpo", "samples_per_prompt": 2, "dynamic_sampling_max_mean": 0.8}, "dynamic_sampling_max_mean"),
         ({"advantage": "grpo", "samples_per_prompt": 1}, "samples_per_prompt"),
         ({"overlong_buffer": 9}, "overlong_buffer"),
         ({"minibatch_size": 8, "micro_batch_size": 3}, "micro_batch_size"),
