@@ -222,6 +222,12 @@ class PPOConfig(Section):
         description="Correct for the generator not being the training policy: truncated importance weights (tis) or masking, per token or sequence.",
     )
     rollout_correction_cap: float = Field(2.0, gt=1, description="C: weights min(π_old/π_rollout, C); masks keep ratios in [1/C, C].")
+    old_logprobs: Literal["policy", "prefill", "rollout"] = Field(
+        "policy",
+        description="π_old for the PPO ratio: the training policy's own forward; the generator's packed prefill (fully ternary, "
+        "needs rollout.backend=packed and λ = 1); or the generator's sampling log-probs, no extra pass (needs "
+        "rollout_correction=none). The last two leave the rollout-mismatch metrics measuring the generator against itself.",
+    )
     dynamic_sampling: bool = Field(False, description="Drop groups whose rewards all tie and refill with new prompts (DAPO; grpo/rloo).")
     dynamic_sampling_rounds: int = Field(3, ge=0, description="Extra generation rounds allowed per iteration to refill dropped groups.")
     overlong_buffer: int = Field(0, ge=0, description="DAPO soft overlong penalty over the last N tokens before max_new_tokens (0: off).")

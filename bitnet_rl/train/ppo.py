@@ -50,6 +50,7 @@ from bitnet_rl.rl.shaping import group_reward_stats
 from bitnet_rl.rollout import make_generator
 from bitnet_rl.train.experience import (
     Experience,
+    completion_columns,
     critic_forward,
     experience_from_rollout,
     policy_forward,
@@ -92,6 +93,16 @@ def check_config(cfg: PPOConfig, recipe: Recipe) -> None:
     if cfg.overlong_buffer > recipe.rollout.max_new_tokens:
         raise UserError(f"ppo.overlong_buffer={cfg.overlong_buffer} exceeds rollout.max_new_tokens={recipe.rollout.max_new_tokens}")
     warming_up = current_lambda(recipe, 0) < 1.0
+    if cfg.old_logprobs == "rollout" and cfg.rollout_correction != "none":
+        raise UserError(
+            f"ppo.old_logprobs=rollout takes π_old from the generator, so ppo.rollout_correction={cfg.rollout_correction} would "
+            "compare the rollout log-probs with themselves: set ppo.rollout_correction=none (the PPO ratio then carries the mismatch)"
+        )
+    if cfg.old_logprobs == "prefill" and (recipe.rollout.backend != "packed" or warming_up):
+        raise UserError(
+            "ppo.old_logprobs=prefill runs the packed generator's fully ternary model: it needs rollout.backend=packed and "
+            "a quant.schedule at λ = 1 from the start (use ppo.old_logprobs=policy)"
+        )
     if warming_up and recipe.rollout.backend == "packed" and cfg.rollout_correction == "none":
         raise UserError(
             "quant.schedule starts below λ = 1, but the packed generator samples the fully ternary model: "
@@ -195,7 +206,7 @@ class PPOTrainer:
         exp = experience_from_rollout(sampled.out, sampled.scores, device)
         mask = exp.mask
         self.policy.eval()
-        exp.old_logprobs = policy_forward(self.policy, exp)[0] * mask
+        exp.old_logprobs = self._old_logprobs(exp) * mask
         exp.ref_logprobs = policy_forward(self.reference, exp)[0] * mask
         if self.critic is not None:
             exp.values = critic_forward(self.critic, exp) * mask
@@ -229,6 +240,15 @@ class PPOTrainer:
         weights = {**per_row, "reward_std": groups, "frac_reward_zero_std": groups, "correction/kept_tokens": float(mask.sum()), "correction/mean_weight": float(exp.loss_mask.sum())}
         stats = reduce_rollout_stats(acc, stats, weights, maxima=("time/generate", "time/score", "time/logprobs", "dynamic/rounds"), sums=("rollout_tokens_per_s", "dynamic/dropped_groups"))
         return exp, stats, sampled.completions
+
+    def _old_logprobs(self, exp: Experience) -> torch.Tensor:
+        """π_old of the completion tokens `(B, T)` from `ppo.old_logprobs` (issue 13: the last two skip the policy's pass)."""
+        source = self.cfg.old_logprobs
+        if source == "rollout":  # the generator's temperature-1 log-probs of the sampled tokens (verl: recompute_old_log_prob off)
+            return exp.rollout_logprobs
+        if source == "prefill":  # the generator, synced at this rollout, on its packed prefill path
+            return completion_columns(self.generator.token_logprobs(exp.input_ids).float(), exp.prompt_lens, exp.mask.shape[1])
+        return policy_forward(self.policy, exp)[0]
 
     def update(self, exp: Experience) -> dict[str, float]:
         """`ppo.epochs` passes of clipped updates over shuffled minibatches of `exp`."""
