@@ -15,7 +15,9 @@ update, each timed as before and after in this run (random weights and tokens):
 - critic values: the BitLinear critic, before/after the BitLinear fast paths;
 - packed prefill (`models.frozen.packed_prefill`, what the trainer now runs for the reward model
   and the reference on CUDA): the frozen copy on the generator's prefill forward, all rows in
-  one call (bf16 activations; the reward model's float32 reference is the "before" row).
+  one call (bf16 activations; the reward model's float32 reference is the "before" row);
+- the three passes as the trainer runs them under each `ppo.old_logprobs` (policy: old (a);
+  prefill: old (b); rollout: no old-policy pass, the generator's sampling log-probs).
 Each figure is the median of `--repeats` after a warm-up (which includes kernel tuning).
 """
 
@@ -104,6 +106,10 @@ def main() -> None:
     rows.append(["three log-prob passes (old, ref, critic)", three_before, three_after, three_before / three_after, "≤ 0.40", "best old"])
     trainer = s["old after (a)"] + s["ref packed"] + s["critic after"]  # the old policy stays the training policy's own pass
     rows.append(["three passes as the trainer runs them (old a, ref packed, critic)", three_before, trainer, three_before / trainer, "≤ 0.40", ""])
+    prefill = s["old after (b)"] + s["ref packed"] + s["critic after"]
+    rows.append(["... with ppo.old_logprobs=prefill (old b, ref packed, critic)", three_before, prefill, three_before / prefill, "≤ 0.40", ""])
+    reuse = s["ref packed"] + s["critic after"]
+    rows.append(["... with ppo.old_logprobs=rollout (no old pass; ref packed, critic)", three_before, reuse, three_before / reuse, "≤ 0.40", ""])
     print(f"\n{device_name()}: 2B4T shape, {args.layers} layers, {args.seqs} seqs x {length} tokens, micro {args.micro}")
     print(table(["pass", "before s", "after s", "speedup", "target s", "agreement"], rows))
 

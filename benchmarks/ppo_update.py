@@ -153,14 +153,46 @@ def main() -> None:
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             update(last["micro"], last["chunked"])
             torch.cuda.synchronize()
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
+        wall = time.perf_counter() - t0
+        averages = prof.key_averages()
+        print(averages.table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=90))
+        print(kernel_categories(averages, wall))
     print(f"\n{device_name()}: PPO update, 2B4T shape, {args.layers} layers, {args.seqs} seqs x {length} tokens, minibatch {args.minibatch}, "
           f"policy {n_policy / 1e9:.2f} B + critic {n_critic / 1e9:.2f} B params (w/o input embedding), 6·N·tokens = {flops / 1e12:.0f} TFLOP; "
           f"measured bf16 matmul {peak / 1e12:.0f} TFLOP/s")
     print(table(["update path", "s", "MFU % (measured peak)", "MFU % (790 TFLOP/s)", "peak GiB", "speedup vs today"], rows))
+
+
+CATEGORIES = (  # first match wins, on the lower-cased kernel name
+    ("GEMM (cuBLAS / CUTLASS)", ("gemm", "cutlass", "nvjet", "sm90_xmma", "sm80_xmma", "cublas")),
+    ("attention", ("flash", "fmha", "attention", "attn")),
+    ("optimizer (AdamW, grad-norm clip)", ("adam", "foreach", "multi_tensor", "norm_kernel")),
+    ("Triton (ours or inductor)", ("triton",)),
+    ("reductions", ("reduce",)),
+    ("elementwise / copies", ("elementwise", "vectorized", "copy", "fill", "cat", "index", "scatter", "gather")),
+)
+
+
+def kernel_categories(averages, wall: float) -> str:
+    """Self CUDA time per kernel category vs the wall time of the profiled update (gaps = launch-bound time)."""
+    totals: dict[str, float] = {}
+    for event in averages:
+        us = getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0.0)
+        if not us:
+            continue
+        name = event.key.lower()
+        label = next((label for label, keys in CATEGORIES if any(k in name for k in keys)), "other")
+        totals[label] = totals.get(label, 0.0) + us / 1e6
+    busy = sum(totals.values())
+    rows = [[label, sec, 100 * sec / wall] for label, sec in sorted(totals.items(), key=lambda kv: -kv[1])]
+    rows.append(["all kernels", busy, 100 * busy / wall])
+    rows.append(["GPU idle (wall − kernels; launch and host time)", wall - busy, 100 * (wall - busy) / wall])
+    return table(["kernel category", "s", "% of the update's wall time"], rows)
 
 
 if __name__ == "__main__":
