@@ -59,8 +59,9 @@ def main() -> None:
     zeros = torch.zeros_like(mask)
     exp = Experience(
         ids, torch.ones_like(ids), torch.full((args.seqs,), args.prompt_len, device="cuda"), mask,
-        old_logprobs=zeros, ref_logprobs=zeros, values=zeros, scores=torch.zeros(args.seqs, device="cuda"),
+        old_logprobs=zeros, rollout_logprobs=zeros, ref_logprobs=zeros, values=zeros, scores=torch.zeros(args.seqs, device="cuda"),
         advantages=torch.randn(mask.shape, device="cuda", generator=g), returns=torch.randn(mask.shape, device="cuda", generator=g),
+        is_weights=torch.ones_like(mask), loss_mask=mask.clone(),
     )  # fmt: skip
     with torch.no_grad():
         exp.old_logprobs = torch.cat([policy_forward(policy, exp.select(torch.arange(i, i + 8, device="cuda")))[0] for i in range(0, args.seqs, 8)])
