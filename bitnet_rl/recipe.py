@@ -238,6 +238,11 @@ class PPOConfig(Section):
     missing_eos_penalty: float | None = Field(None, description="Added to the score of completions that hit max_new_tokens without EOS.")
     critic: Literal["policy", "reward_model"] = Field("policy", description="Critic backbone for gae: a copy of the SFT policy, or the reward model.")
     critic_lr: float | None = Field(None, gt=0, description="Critic learning rate (default: optimizer.lr).")
+    critic_values: Literal["critic", "prefill"] = Field(
+        "critic",
+        description="Rollout values (gae): the critic's own forward, or a packed copy of it re-synced each iteration on the generator's "
+        "prefill path (W2A8 kernels on CUDA; needs λ = 1 and no LoRA). The update always trains the critic's own forward.",
+    )
     eval_every: int = Field(0, ge=0, description="Greedy evaluation on held-out prompts every N iterations (0: only at the end).")
     eval_prompts: int = Field(128, ge=0, description="Held-out prompts for evaluation (0: no evaluation).")
     eval_path: str | None = Field(None, description="Held-out prompts file for evaluation; default: fresh demo prompts when prompts is `demo`, none otherwise.")

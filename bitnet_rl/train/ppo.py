@@ -103,6 +103,8 @@ def check_config(cfg: PPOConfig, recipe: Recipe) -> None:
             "ppo.old_logprobs=prefill runs the packed generator's fully ternary model: it needs rollout.backend=packed and "
             "a quant.schedule at λ = 1 from the start (use ppo.old_logprobs=policy)"
         )
+    if cfg.critic_values == "prefill" and (warming_up or recipe.lora.enabled):
+        raise UserError("ppo.critic_values=prefill packs the critic as ternary: it needs λ = 1 from the start and no LoRA (use ppo.critic_values=critic)")
     if warming_up and recipe.rollout.backend == "packed" and cfg.rollout_correction == "none":
         raise UserError(
             "quant.schedule starts below λ = 1, but the packed generator samples the fully ternary model: "
@@ -140,6 +142,7 @@ class PPOTrainer:
         self.critic = self.run.add_model(critic, name="critic", lr=cfg.critic_lr or recipe.optimizer.lr) if critic is not None else None
         self.reference.to(self.accelerator.device)
         self.kl_ctl = kl_controller(cfg)
+        self.critic_prefill = None  # ppo.critic_values=prefill: the critic's packed copy, built at the first rollout
         self.sampler: EpochSampler | None = None
         max_prompt = max(len(p) for p in self.prompt_ids + [encode_prompt(self.tokenizer, p, self.chat) for p in self.eval_prompts])
         with gathered_params(self.unwrapped):  # FSDP2: the generator packs the full weights
@@ -209,7 +212,7 @@ class PPOTrainer:
         exp.old_logprobs = self._old_logprobs(exp) * mask
         exp.ref_logprobs = policy_forward(self.reference, exp)[0] * mask
         if self.critic is not None:
-            exp.values = critic_forward(self.critic, exp) * mask
+            exp.values = self._values(exp) * mask
         exp.is_weights, exp.loss_mask = rollout_correction(cfg.rollout_correction, exp.old_logprobs, exp.rollout_logprobs, mask, cfg.rollout_correction_cap)
         kl = kl_estimate(exp.old_logprobs, exp.ref_logprobs, cfg.kl_estimator) * mask
         all_reduce = all_reduce_sum(acc) if acc.num_processes > 1 else None
@@ -249,6 +252,20 @@ class PPOTrainer:
         if source == "prefill":  # the generator, synced at this rollout, on its packed prefill path
             return completion_columns(self.generator.token_logprobs(exp.input_ids).float(), exp.prompt_lens, exp.mask.shape[1])
         return policy_forward(self.policy, exp)[0]
+
+    def _values(self, exp: Experience) -> torch.Tensor:
+        """Critic values `(B, T)` from `ppo.critic_values`: the critic's forward, or its packed copy synced now (issue 13)."""
+        if self.cfg.critic_values == "critic":
+            return critic_forward(self.critic, exp)
+        from bitnet_rl.rollout.prefill import PackedPrefill
+
+        with gathered_params(self.accelerator.unwrap_model(self.critic)) as critic:
+            if self.critic_prefill is None:
+                self.critic_prefill = PackedPrefill.from_model(critic)
+            else:
+                self.critic_prefill.sync_from(critic)
+        values = self.critic_prefill.token_values(exp.input_ids)[:, :-1].float()
+        return completion_columns(values, exp.prompt_lens, exp.mask.shape[1])
 
     def update(self, exp: Experience) -> dict[str, float]:
         """`ppo.epochs` passes of clipped updates over shuffled minibatches of `exp`."""

@@ -58,3 +58,34 @@ def test_old_logprobs_from_the_generator_match_the_policy_at_lambda_one(sft_dir,
         assert torch.equal(exp.old_logprobs, exp.rollout_logprobs * exp.mask) and stats["mismatch/abs_logp_diff"] == 0.0
     record = trainer.step(trainer.run)  # the update runs on it
     assert torch.isfinite(torch.tensor(record["loss/policy"]))
+
+
+def test_critic_values_on_the_packed_prefill_follow_the_critic(sft_dir, tmp_path):
+    """`ppo.critic_values=prefill`: values from the critic's packed copy equal the critic's own forward (float32 on CPU, 1e-3),
+    also after an update changed the critic (the copy is re-synced each rollout); λ warm-up and LoRA are refused."""
+    from bitnet_rl.train.experience import critic_forward
+
+    r = recipe(tmp_path / "gae", sft_dir, advantage="gae", samples_per_prompt=1, critic="policy", critic_values="prefill")
+    r.optimizer.lr = 1e-2  # a visible change of the critic between the two rollouts
+    trainer = PPOTrainer(r)
+    trainer.begin(trainer.run)
+    with torch.no_grad():
+        trainer.critic.score.weight.normal_(std=0.5)  # the zero-initialised head would make every value 0
+    for iteration in range(2):
+        exp, _, _ = trainer.rollout(trainer.sampler, iteration)
+        with torch.no_grad():
+            own = critic_forward(trainer.critic.eval(), exp) * exp.mask
+        assert own.abs().max() > 1e-2
+        torch.testing.assert_close(exp.values, own, rtol=1e-3, atol=1e-4)  # float32; an int8 activation code may round the other way
+        before = exp.values.clone()
+        trainer.update(exp)
+    with torch.no_grad():
+        assert (critic_forward(trainer.critic.eval(), exp) * exp.mask - before).abs().max() > 1e-3  # the critic did move
+    for change, match in [({"kind": "linear", "warmup_steps": 10}, "λ = 1"), (None, "LoRA")]:
+        bad = recipe(tmp_path, sft_dir, advantage="gae", samples_per_prompt=1, critic_values="prefill")
+        if change:
+            bad.quant.schedule.kind, bad.quant.schedule.warmup_steps = change["kind"], change["warmup_steps"]
+        else:
+            bad.lora.enabled = True
+        with pytest.raises(UserError, match=match):
+            check_config(bad.ppo, bad)
