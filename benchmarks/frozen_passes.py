@@ -17,7 +17,9 @@ update, each timed as before and after in this run (random weights and tokens):
   and the reference on CUDA): the frozen copy on the generator's prefill forward, all rows in
   one call (bf16 activations; the reward model's float32 reference is the "before" row);
 - the three passes as the trainer runs them under each `ppo.old_logprobs` (policy: old (a);
-  prefill: old (b); rollout: no old-policy pass, the generator's sampling log-probs).
+  prefill: old (b); rollout: no old-policy pass, the generator's sampling log-probs) and
+  `ppo.critic_values` (critic: its own forward; prefill: a packed copy re-synced, then the
+  prefill pass; the sync is inside the timing).
 Each figure is the median of `--repeats` after a warm-up (which includes kernel tuning).
 """
 
@@ -85,6 +87,15 @@ def main() -> None:
     results["critic before"] = run(lambda i, m: token_values(critic, i, m), args.micro)
     set_bitlinear_fast_paths(critic, True)
     results["critic after"] = run(lambda i, m: token_values(critic, i, m), args.micro)
+    from bitnet_rl.rollout.prefill import PackedPrefill
+
+    critic_prefill = PackedPrefill.from_model(critic)
+
+    def synced_values(i, m):  # ppo.critic_values=prefill: re-pack the (training) critic, then one prefill pass
+        critic_prefill.sync_from(critic)
+        return critic_prefill.token_values(i)
+
+    results["critic packed"] = run(synced_values, args.seqs)
 
     def gap(a: str, b: str) -> float:
         x, y = results[a][1].float(), results[b][1].float()
@@ -99,6 +110,7 @@ def main() -> None:
         ["old-policy log-probs (a: BitLinear fast + chunked)", s["old before"], s["old after (a)"], s["old before"] / s["old after (a)"], "", f"mean |Δlogp| {gap('old before', 'old after (a)'):.3g}"],
         ["old-policy log-probs (b: PackedGenerator.token_logprobs)", s["old before"], s["old after (b)"], s["old before"] / s["old after (b)"], "", f"mean |Δlogp| {gap('old before', 'old after (b)'):.3g}"],
         ["critic values (BitLinear)", s["critic before"], s["critic after"], s["critic before"] / s["critic after"], "", f"mean |Δv| {gap('critic before', 'critic after'):.3g}"],
+        ["critic values (packed copy: re-sync + prefill pass)", s["critic before"], s["critic packed"], s["critic before"] / s["critic packed"], "", f"mean |Δv| {gap('critic before', 'critic packed'):.3g}"],
     ]
     best_old = min(s["old after (a)"], s["old after (b)"])
     three_before = s["old before"] + s["ref before"] + s["critic before"]
@@ -110,6 +122,10 @@ def main() -> None:
     rows.append(["... with ppo.old_logprobs=prefill (old b, ref packed, critic)", three_before, prefill, three_before / prefill, "≤ 0.40", ""])
     reuse = s["ref packed"] + s["critic after"]
     rows.append(["... with ppo.old_logprobs=rollout (no old pass; ref packed, critic)", three_before, reuse, three_before / reuse, "≤ 0.40", ""])
+    both = s["ref packed"] + s["critic packed"]
+    rows.append(["... with old_logprobs=rollout, critic_values=prefill (ref packed, critic packed)", three_before, both, three_before / both, "≤ 0.40", ""])
+    both_prefill = s["old after (b)"] + s["ref packed"] + s["critic packed"]
+    rows.append(["... with old_logprobs=prefill, critic_values=prefill (old b, ref packed, critic packed)", three_before, both_prefill, three_before / both_prefill, "≤ 0.40", ""])
     print(f"\n{device_name()}: 2B4T shape, {args.layers} layers, {args.seqs} seqs x {length} tokens, micro {args.micro}")
     print(table(["pass", "before s", "after s", "speedup", "target s", "agreement"], rows))
 

@@ -74,5 +74,32 @@ def test_compile_decoder_layers_finds_layers_through_wrappers_and_keeps_outputs(
         after = policy(ids).logits
     assert all(layer._compiled_call_impl is not None for layer in policy.model.layers)
     torch.testing.assert_close(after, before)
+    from bitnet_rl.models.forward import COMPILED_HEAD
+
+    assert getattr(policy.get_output_embeddings(), COMPILED_HEAD)  # the chunked head's softmax math compiles too (on CUDA)
     with pytest.raises(UserError, match="no decoder layers"):
         compile_decoder_layers(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compiled_chunk_math_matches_eager_on_cuda():
+    """The `torch.compile`d softmax math of the chunked head (train.compile) against the eager one, bf16 logits:
+    log-probs and entropies to 1e-4 (float32 sums in another order), gradients to 1% of their largest entry
+    (the float32 ∂z rounds to bf16 before the matmuls, so single entries may differ by one bf16 step)."""
+    from bitnet_rl.models.forward import chunked_head_logprobs
+
+    torch.manual_seed(0)
+    h = torch.randn(1500, 256, device="cuda", requires_grad=True)
+    w = (torch.randn(32000, 256, device="cuda") * 0.1).requires_grad_()
+    labels = torch.randint(0, 32000, (1500,), device="cuda")
+    results = []
+    for compiled in (False, True):
+        lp, ent = chunked_head_logprobs(h, w, labels, chunk_rows=512, with_entropy=True, compute_dtype=torch.bfloat16, compiled=compiled)
+        gh, gw = torch.autograd.grad(lp.sum() + 0.1 * ent.sum(), (h, w))
+        results.append((lp, ent, gh, gw))
+    (lp0, ent0, gh0, gw0), (lp1, ent1, gh1, gw1) = results
+    torch.testing.assert_close(lp1, lp0, rtol=0, atol=1e-4)
+    torch.testing.assert_close(ent1, ent0, rtol=0, atol=1e-4)
+    for fast, ref in ((gh1, gh0), (gw1, gw0)):
+        assert (fast - ref).abs().max() <= 1e-2 * ref.abs().max()
