@@ -40,6 +40,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--micro", type=int, default=16, help="rows per log-prob forward (the trainer's micro-batch)")
+    parser.add_argument("--skip-score", action="store_true", help="only the log-prob and value passes (no reward model)")
     args = parser.parse_args()
 
     from bitnet_rl.models.convert import to_bitlinear
@@ -51,7 +52,7 @@ def main() -> None:
     length = args.prompt_len + args.new_tokens
     policy = to_bitlinear(bitnet_2b4t(args.layers)).eval()
     reference = frozen_ternary_copy(policy)
-    rm = frozen_ternary_copy(to_bitlinear(bitnet_critic(args.layers, dtype=torch.float32, seed=2)))
+    rm = None if args.skip_score else frozen_ternary_copy(to_bitlinear(bitnet_critic(args.layers, dtype=torch.float32, seed=2)))
     critic = to_bitlinear(bitnet_critic(args.layers, seed=3)).eval()
     generator = PackedGenerator.from_model(policy, max_batch_size=args.seqs, max_seq_len=length)
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -67,26 +68,32 @@ def main() -> None:
             return timed(call, repeats=args.repeats, warmup=1), call()
 
     results = {}
-    set_kernels(rm, False)
-    results["score before"] = run(lambda i, m: sequence_scores(rm, i, m), 32)
-    set_kernels(rm, True)
-    results["score after"] = run(lambda i, m: sequence_scores(rm, i, m), 32)
-    lengths = mask.sum(1)
-    results["score packed"] = run(lambda i, m: packed_prefill(rm).sequence_scores(i, lengths[: i.shape[0]]), args.seqs)
+
+    def measure(name: str, fn, rows: int) -> None:
+        results[name] = run(fn, rows)
+        print(f"{name}: {results[name][0]:.3f} s", flush=True)
+
+    if not args.skip_score:
+        set_kernels(rm, False)
+        measure("score before", lambda i, m: sequence_scores(rm, i, m), 32)
+        set_kernels(rm, True)
+        measure("score after", lambda i, m: sequence_scores(rm, i, m), 32)
+        lengths = mask.sum(1)
+        measure("score packed", lambda i, m: packed_prefill(rm).sequence_scores(i, lengths[: i.shape[0]]), args.seqs)
     set_kernels(reference, False)
-    results["ref before"] = run(lambda i, m: token_logprobs(reference, i, m), args.micro)
+    measure("ref before", lambda i, m: token_logprobs(reference, i, m), args.micro)
     set_kernels(reference, True)
-    results["ref after"] = run(lambda i, m: causal_lm_logprobs(reference, i, m)[0], args.micro)
-    results["ref packed"] = run(lambda i, m: packed_prefill(reference).token_logprobs(i), args.seqs)
+    measure("ref after", lambda i, m: causal_lm_logprobs(reference, i, m)[0], args.micro)
+    measure("ref packed", lambda i, m: packed_prefill(reference).token_logprobs(i), args.seqs)
     set_bitlinear_fast_paths(policy, False)
-    results["old before"] = run(lambda i, m: token_logprobs(policy, i, m), args.micro)
+    measure("old before", lambda i, m: token_logprobs(policy, i, m), args.micro)
     set_bitlinear_fast_paths(policy, True)
-    results["old after (a)"] = run(lambda i, m: causal_lm_logprobs(policy, i, m)[0], args.micro)
-    results["old after (b)"] = run(lambda i, m: generator.token_logprobs(i), args.seqs)
+    measure("old after (a)", lambda i, m: causal_lm_logprobs(policy, i, m)[0], args.micro)
+    measure("old after (b)", lambda i, m: generator.token_logprobs(i), args.seqs)
     set_bitlinear_fast_paths(critic, False)
-    results["critic before"] = run(lambda i, m: token_values(critic, i, m), args.micro)
+    measure("critic before", lambda i, m: token_values(critic, i, m), args.micro)
     set_bitlinear_fast_paths(critic, True)
-    results["critic after"] = run(lambda i, m: token_values(critic, i, m), args.micro)
+    measure("critic after", lambda i, m: token_values(critic, i, m), args.micro)
     from bitnet_rl.rollout.prefill import PackedPrefill
 
     critic_prefill = PackedPrefill.from_model(critic)
@@ -95,16 +102,18 @@ def main() -> None:
         critic_prefill.sync_from(critic)
         return critic_prefill.token_values(i)
 
-    results["critic packed"] = run(synced_values, args.seqs)
+    measure("critic packed", synced_values, args.seqs)
 
     def gap(a: str, b: str) -> float:
         x, y = results[a][1].float(), results[b][1].float()
         return float((x - y).abs().mean())
 
     s = {k: v[0] for k, v in results.items()}
-    rows = [
+    rows = [] if args.skip_score else [
         ["score (reward model, fp32, 2-bit)", s["score before"], s["score after"], s["score before"] / s["score after"], "≤ 0.15", f"mean |Δscore| {gap('score before', 'score after'):.3g}"],
         ["score (packed prefill, bf16)", s["score before"], s["score packed"], s["score before"] / s["score packed"], "≤ 0.15", f"mean |Δscore| {gap('score before', 'score packed'):.3g}"],
+    ]
+    rows += [
         ["reference log-probs (2-bit)", s["ref before"], s["ref after"], s["ref before"] / s["ref after"], "", f"mean |Δlogp| {gap('ref before', 'ref after'):.3g}"],
         ["reference log-probs (packed prefill)", s["ref before"], s["ref packed"], s["ref before"] / s["ref packed"], "", f"mean |Δlogp| {gap('ref before', 'ref packed'):.3g}"],
         ["old-policy log-probs (a: BitLinear fast + chunked)", s["old before"], s["old after (a)"], s["old before"] / s["old after (a)"], "", f"mean |Δlogp| {gap('old before', 'old after (a)'):.3g}"],

@@ -9,7 +9,10 @@ tokens. Rows, each measured in this run and compared with the first:
   forward, micro-batches of 4, activation checkpointing);
 - + BitLinear fast paths: Triton per-token fake quant, Q(W) once per optimizer step;
 - + chunked log-probs: `models.forward.causal_lm_logprobs` (no `(B, T, V)` logits);
-- + micro-batch = minibatch (no accumulation), with and without checkpointing.
+- + micro-batch = minibatch (no accumulation), with and without checkpointing;
+- + fused AdamW; + `torch.compile` of the decoder layers, then also of the chunked head's
+  softmax math (what `train.compile` does);
+- grpo: the same update without the critic (GRPO's), its MFU over the policy's FLOPs only.
 MFU counts model FLOPs 6·N·tokens per trained model (N without the input embedding; recompute
 not counted) over the bf16 matmul rate measured in this run.
 """
@@ -32,12 +35,12 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--minibatch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--variants", default="today,fast,chunked,micro16_ckpt,micro16,fused_adam,compile")
-    parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of the last variant")
+    parser.add_argument("--variants", default="today,fast,chunked,micro16_ckpt,micro16,fused_adam,compile_layers,compile,grpo")
+    parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of the last PPO (policy + critic) variant")
     args = parser.parse_args()
 
     from bitnet_rl.models.convert import enable_checkpointing, to_bitlinear
-    from bitnet_rl.models.forward import causal_lm_logprobs, compile_decoder_layers
+    from bitnet_rl.models.forward import COMPILED_HEAD, causal_lm_logprobs, compile_decoder_layers
     from bitnet_rl.rl.advantages import masked_mean
     from bitnet_rl.rl.losses import ppo_policy_loss, value_loss
     from bitnet_rl.train.experience import Experience, completion_columns, critic_forward, policy_forward
@@ -72,7 +75,7 @@ def main() -> None:
         width = part.mask.shape[1]
         return completion_columns(logps, part.prompt_lens, width), completion_columns(entropy, part.prompt_lens, width)
 
-    def update(micro: int, chunked: bool) -> None:
+    def update(micro: int, chunked: bool, with_critic: bool = True) -> None:
         opt_p, opt_c = current["opts"]
         order = torch.randperm(args.seqs, device="cuda")
         for start in range(0, args.seqs, args.minibatch):
@@ -85,11 +88,13 @@ def main() -> None:
                     loss, _ = ppo_policy_loss(logprobs, part.old_logprobs, part.advantages, part.mask, 0.2)
                     loss = loss - 0.01 * masked_mean(entropy, part.mask)
                 (loss * weight).backward()
+                if not with_critic:
+                    continue
                 with torch.autocast("cuda", dtype=torch.bfloat16):
                     values = critic_forward(critic, part)
                     vloss, _ = value_loss(values, part.values, part.returns, part.mask, 0.2)
                 (vloss * weight).backward()
-            for model, opt in ((policy, opt_p), (critic, opt_c)):
+            for model, opt in ((policy, opt_p), (critic, opt_c))[: 2 if with_critic else 1]:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
@@ -109,7 +114,12 @@ def main() -> None:
         "micro16_ckpt": dict(label=f"+ micro {args.minibatch} (checkpointing)", fast=True, chunked=True, micro=args.minibatch, ckpt=True),
         "micro16": dict(label=f"+ micro {args.minibatch}, no checkpointing", fast=True, chunked=True, micro=args.minibatch, ckpt=False),
         "fused_adam": dict(label="+ fused AdamW", fast=True, chunked=True, micro=args.minibatch, ckpt=False, fused=True),
-        "compile": dict(label="+ torch.compile of the decoder layers", fast=True, chunked=True, micro=args.minibatch, ckpt=False, fused=True, compile=True),
+        "compile_layers": dict(label="+ torch.compile of the decoder layers (eager head math)", fast=True, chunked=True, micro=args.minibatch, ckpt=False, fused=True,
+                               compile=True, compiled_head=False),
+        "compile": dict(label="+ torch.compile of the decoder layers and the chunked head's softmax math (train.compile)", fast=True, chunked=True,
+                        micro=args.minibatch, ckpt=False, fused=True, compile=True),
+        "grpo": dict(label="GRPO update (policy only, no critic), as 'compile'", fast=True, chunked=True, micro=args.minibatch, ckpt=False, fused=True,
+                     compile=True, critic=False),
     }
     n_policy = sum(p.numel() for p in policy.parameters()) - policy.model.embed_tokens.weight.numel()
     n_critic = sum(p.numel() for p in critic.parameters()) - critic.model.embed_tokens.weight.numel()
@@ -125,16 +135,18 @@ def main() -> None:
         if v.get("compile"):
             compile_decoder_layers(policy)
             compile_decoder_layers(critic)
+            setattr(policy.get_output_embeddings(), COMPILED_HEAD, v.get("compiled_head", True))
         policy.train()
         critic.train()
         try:
-            update(v["micro"], v["chunked"])  # warm-up (allocator, Triton compile)
+            with_critic = v.get("critic", True)
+            update(v["micro"], v["chunked"], with_critic)  # warm-up (allocator, Triton compile)
             reset_peak()
             times = []
             for _ in range(args.repeats):
                 torch.cuda.synchronize()
                 t0 = time.perf_counter()
-                update(v["micro"], v["chunked"])
+                update(v["micro"], v["chunked"], with_critic)
                 torch.cuda.synchronize()
                 times.append(time.perf_counter() - t0)
             seconds = min(times)
@@ -143,6 +155,12 @@ def main() -> None:
             print(f"{name}: {type(err).__name__}: {str(err)[:300]}", flush=True)
             rows.append([v["label"], "OOM", "", "", "", ""])
             torch.cuda.empty_cache()
+            continue
+        if not with_critic:  # other work than the PPO rows: its own FLOPs, no speedup
+            policy_flops = 6 * n_policy * args.seqs * length
+            rows.append([v["label"], seconds, 100 * policy_flops / seconds / peak, 100 * policy_flops / seconds / 790e12, mem, "—"])
+            print(f"{name}: {seconds:.2f} s, peak {mem:.1f} GiB", flush=True)
+            opt_p.zero_grad(set_to_none=True)
             continue
         base = base or seconds
         rows.append([v["label"], seconds, 100 * flops / seconds / peak, 100 * flops / seconds / 790e12, mem, base / seconds])
