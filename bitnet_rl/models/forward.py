@@ -21,7 +21,7 @@ COMPILED_HEAD = "bitnet_rl_compiled_logprobs"  # attribute `compile_decoder_laye
 
 def token_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
     """log p(input_ids[:, t+1] | input_ids[:, :t+1]) for t < T-1, float32 `(B, T-1)`."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
     return logprobs_from_logits(logits[:, :-1], input_ids[:, 1:], chunk_size=chunk_size)
 
 
@@ -176,7 +176,7 @@ def causal_lm_logprobs(
 
 def _causal_lm_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, with_entropy: bool, chunk_rows: int):
     head = model.get_output_embeddings()
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     compiled = getattr(head, COMPILED_HEAD, False) and hidden.is_cuda
     return chunked_head_logprobs(
         hidden[:, :-1], head.weight, input_ids[:, 1:], getattr(head, "bias", None), chunk_rows=chunk_rows, with_entropy=with_entropy, compiled=compiled

@@ -103,3 +103,30 @@ def test_compiled_chunk_math_matches_eager_on_cuda():
     torch.testing.assert_close(ent1, ent0, rtol=0, atol=1e-4)
     for fast, ref in ((gh1, gh0), (gw1, gw0)):
         assert (fast - ref).abs().max() <= 1e-2 * ref.abs().max()
+
+
+def test_training_and_scoring_forwards_build_no_kv_cache(tiny_dir, monkeypatch):
+    """transformers builds a `DynamicCache` on every forward unless told not to: in training that is a copy of every
+    layer's keys and values, and under `train.compile` a recompile per layer (the cache's per-layer state is guarded
+    on, so past 8 layers dynamo gave up and ran them eagerly). Our forwards pass `use_cache=False`."""
+    import transformers.cache_utils
+
+    from bitnet_rl.models.forward import causal_lm_logprobs, token_logprobs
+    from bitnet_rl.models.io import load_policy
+    from bitnet_rl.models.value import load_scalar_model, sequence_scores, token_values
+
+    policy = load_policy(tiny_dir).train()
+    critic = load_scalar_model(tiny_dir, head="normal")
+    ids = torch.randint(5, 100, (2, 9))
+    mask = torch.ones_like(ids)
+    assert type(policy.base_model(input_ids=ids, attention_mask=mask).past_key_values).__name__ == "DynamicCache"  # the default
+
+    def refuse(self, *args, **kwargs):
+        raise AssertionError("a KV cache was built")
+
+    monkeypatch.setattr(transformers.cache_utils.DynamicCache, "__init__", refuse)
+    logps, _ = causal_lm_logprobs(policy, ids, mask, with_entropy=True)
+    logps.sum().backward()
+    token_logprobs(policy, ids, mask)
+    token_values(critic, ids, mask).sum().backward()
+    sequence_scores(critic, ids, mask)
