@@ -130,3 +130,29 @@ def test_training_and_scoring_forwards_build_no_kv_cache(tiny_dir, monkeypatch):
     token_logprobs(policy, ids, mask)
     token_values(critic, ids, mask).sum().backward()
     sequence_scores(critic, ids, mask)
+
+
+def test_compiled_layers_share_one_graph(monkeypatch):
+    """Regional compilation compiles one graph for all decoder layers of a training forward (no recompile per layer;
+    with transformers' KV cache it recompiled per layer and ran layers eagerly past dynamo's recompile limit)."""
+    from transformers import BitNetConfig, BitNetForCausalLM
+
+    from bitnet_rl.models.convert import to_bitlinear
+    from bitnet_rl.models.forward import causal_lm_logprobs, compile_decoder_layers
+
+    torch._dynamo.reset()
+    config = BitNetConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=6, num_attention_heads=2, num_key_value_heads=1,
+                          vocab_size=50, pad_token_id=0, bos_token_id=1, eos_token_id=2)  # fmt: skip
+    policy = to_bitlinear(BitNetForCausalLM(config)).train()
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    compile_decoder_layers(policy, backend=counting_backend)
+    ids = torch.randint(3, 50, (2, 7))
+    logps, _ = causal_lm_logprobs(policy, ids, torch.ones_like(ids))
+    logps.sum().backward()
+    assert 1 <= len(graphs) <= 2, len(graphs)  # 6 layers, one graph (a second at most for a specialization)
+    torch._dynamo.reset()
