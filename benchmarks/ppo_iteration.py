@@ -53,6 +53,8 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--no-checkpointing", action="store_true")
     parser.add_argument("--compile", action="store_true", help="train.compile: torch.compile of the decoder layers")
     parser.add_argument("--skip-final-save", action="store_true", help="do not write the final checkpoint (~30 GB; not part of an iteration)")
+    parser.add_argument("--old-logprobs", default="policy", choices=["policy", "prefill", "rollout"], help="ppo.old_logprobs (rollout sets rollout_correction=none)")
+    parser.add_argument("--work-dir", default=None, help="where the setup writes its checkpoints (default: a temp dir; /dev/shm saves disk time)")
     return parser.parse_args(argv)
 
 
@@ -64,7 +66,7 @@ def run(args: argparse.Namespace) -> dict:
     from bitnet_rl.recipe import Recipe, validate
     from bitnet_rl.train.ppo import PPOTrainer
 
-    work = Path(tempfile.mkdtemp())
+    work = Path(tempfile.mkdtemp(dir=args.work_dir))
     tokenizer = word_tokenizer(128256)
     t0 = time.perf_counter()
     model = to_bitlinear(bitnet_2b4t(args.layers, dtype=torch.bfloat16, device="cuda"))
@@ -98,6 +100,8 @@ def run(args: argparse.Namespace) -> dict:
                 "epochs": 1,
                 "minibatch_size": args.minibatch,
                 "micro_batch_size": args.micro,
+                "old_logprobs": args.old_logprobs,
+                **({"rollout_correction": "none"} if args.old_logprobs == "rollout" else {}),
             },
             "train": {"gradient_checkpointing": not args.no_checkpointing, "compile": args.compile},
             "optimizer": {"lr": 1e-6},
@@ -128,7 +132,8 @@ def run(args: argparse.Namespace) -> dict:
     record = rows[-1]
     print(f"\n{device_name()}: 2B4T shape, {args.layers} layers; {args.prompts} prompts x {args.prompt_len} tokens, {args.new_tokens} new tokens, "
           f"{args.advantage} x {args.samples} samples, "
-          f"PPO epochs 1, minibatch {args.minibatch} (micro {args.micro}), gradient checkpointing {not args.no_checkpointing}, compile {args.compile}, AdamW on bf16 params")
+          f"PPO epochs 1, minibatch {args.minibatch} (micro {args.micro}), gradient checkpointing {not args.no_checkpointing}, compile {args.compile}, "
+          f"old log-probs {args.old_logprobs}, AdamW on bf16 params")
     mem_rows = [[name, size / 2**30] for name, size in parts.items()]
     mem_rows.append(["all models + generator after setup", loaded])
     mem_rows.append(["peak during the iteration (incl. optimizer states, KV cache, activations)", peak])

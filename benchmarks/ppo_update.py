@@ -9,7 +9,10 @@ tokens. Rows, each measured in this run and compared with the first:
   forward, micro-batches of 4, activation checkpointing);
 - + BitLinear fast paths: Triton per-token fake quant, Q(W) once per optimizer step;
 - + chunked log-probs: `models.forward.causal_lm_logprobs` (no `(B, T, V)` logits);
-- + micro-batch = minibatch (no accumulation), with and without checkpointing.
+- + micro-batch = minibatch (no accumulation), with and without checkpointing;
+- + fused AdamW; + `torch.compile` of the decoder layers, then also of the chunked head's
+  softmax math (what `train.compile` does);
+- grpo: the same update without the critic (GRPO's), its MFU over the policy's FLOPs only.
 MFU counts model FLOPs 6·N·tokens per trained model (N without the input embedding; recompute
 not counted) over the bf16 matmul rate measured in this run.
 """
@@ -32,12 +35,12 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--minibatch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--variants", default="today,fast,chunked,micro16_ckpt,micro16,fused_adam,compile")
-    parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of the last variant")
+    parser.add_argument("--variants", default="today,fast,chunked,micro16_ckpt,micro16,fused_adam,compile_layers,compile,grpo")
+    parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of the last PPO (policy + critic) variant")
     args = parser.parse_args()
 
     from bitnet_rl.models.convert import enable_checkpointing, to_bitlinear
-    from bitnet_rl.models.forward import causal_lm_logprobs, compile_decoder_layers
+    from bitnet_rl.models.forward import COMPILED_HEAD, causal_lm_logprobs, compile_decoder_layers
     from bitnet_rl.rl.advantages import masked_mean
     from bitnet_rl.rl.losses import ppo_policy_loss, value_loss
     from bitnet_rl.train.experience import Experience, completion_columns, critic_forward, policy_forward
@@ -59,8 +62,9 @@ def main() -> None:
     zeros = torch.zeros_like(mask)
     exp = Experience(
         ids, torch.ones_like(ids), torch.full((args.seqs,), args.prompt_len, device="cuda"), mask,
-        old_logprobs=zeros, ref_logprobs=zeros, values=zeros, scores=torch.zeros(args.seqs, device="cuda"),
+        old_logprobs=zeros, rollout_logprobs=zeros, ref_logprobs=zeros, values=zeros, scores=torch.zeros(args.seqs, device="cuda"),
         advantages=torch.randn(mask.shape, device="cuda", generator=g), returns=torch.randn(mask.shape, device="cuda", generator=g),
+        is_weights=torch.ones_like(mask), loss_mask=mask.clone(),
     )  # fmt: skip
     with torch.no_grad():
         exp.old_logprobs = torch.cat([policy_forward(policy, exp.select(torch.arange(i, i + 8, device="cuda")))[0] for i in range(0, args.seqs, 8)])
@@ -71,7 +75,7 @@ def main() -> None:
         width = part.mask.shape[1]
         return completion_columns(logps, part.prompt_lens, width), completion_columns(entropy, part.prompt_lens, width)
 
-    def update(micro: int, chunked: bool) -> None:
+    def update(micro: int, chunked: bool, with_critic: bool = True) -> None:
         opt_p, opt_c = current["opts"]
         order = torch.randperm(args.seqs, device="cuda")
         for start in range(0, args.seqs, args.minibatch):
@@ -84,11 +88,13 @@ def main() -> None:
                     loss, _ = ppo_policy_loss(logprobs, part.old_logprobs, part.advantages, part.mask, 0.2)
                     loss = loss - 0.01 * masked_mean(entropy, part.mask)
                 (loss * weight).backward()
+                if not with_critic:
+                    continue
                 with torch.autocast("cuda", dtype=torch.bfloat16):
                     values = critic_forward(critic, part)
                     vloss, _ = value_loss(values, part.values, part.returns, part.mask, 0.2)
                 (vloss * weight).backward()
-            for model, opt in ((policy, opt_p), (critic, opt_c)):
+            for model, opt in ((policy, opt_p), (critic, opt_c))[: 2 if with_critic else 1]:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
@@ -108,7 +114,12 @@ def main() -> None:
         "micro16_ckpt": dict(label=f"+ micro {args.minibatch} (checkpointing)", fast=True, chunked=True, micro=args.minibatch, ckpt=True),
         "micro16": dict(label=f"+ micro {args.minibatch}, no checkpointing", fast=True, chunked=True, micro=args.minibatch, ckpt=False),
         "fused_adam": dict(label="+ fused AdamW", fast=True, chunked=True, micro=args.minibatch, ckpt=False, fused=True),
-        "compile": dict(label="+ torch.compile of the decoder layers", fast=True, chunked=True, micro=args.minibatch, ckpt=False, fused=True, compile=True),
+        "compile_layers": dict(label="+ torch.compile of the decoder layers (eager head math)", fast=True, chunked=True, micro=args.minibatch, ckpt=False, fused=True,
+                               compile=True, compiled_head=False),
+        "compile": dict(label="+ torch.compile of the decoder layers and the chunked head's softmax math (train.compile)", fast=True, chunked=True,
+                        micro=args.minibatch, ckpt=False, fused=True, compile=True),
+        "grpo": dict(label="GRPO update (policy only, no critic), as 'compile'", fast=True, chunked=True, micro=args.minibatch, ckpt=False, fused=True,
+                     compile=True, critic=False),
     }
     n_policy = sum(p.numel() for p in policy.parameters()) - policy.model.embed_tokens.weight.numel()
     n_critic = sum(p.numel() for p in critic.parameters()) - critic.model.embed_tokens.weight.numel()
@@ -124,16 +135,18 @@ def main() -> None:
         if v.get("compile"):
             compile_decoder_layers(policy)
             compile_decoder_layers(critic)
+            setattr(policy.get_output_embeddings(), COMPILED_HEAD, v.get("compiled_head", True))
         policy.train()
         critic.train()
         try:
-            update(v["micro"], v["chunked"])  # warm-up (allocator, Triton compile)
+            with_critic = v.get("critic", True)
+            update(v["micro"], v["chunked"], with_critic)  # warm-up (allocator, Triton compile)
             reset_peak()
             times = []
             for _ in range(args.repeats):
                 torch.cuda.synchronize()
                 t0 = time.perf_counter()
-                update(v["micro"], v["chunked"])
+                update(v["micro"], v["chunked"], with_critic)
                 torch.cuda.synchronize()
                 times.append(time.perf_counter() - t0)
             seconds = min(times)
@@ -142,6 +155,12 @@ def main() -> None:
             print(f"{name}: {type(err).__name__}: {str(err)[:300]}", flush=True)
             rows.append([v["label"], "OOM", "", "", "", ""])
             torch.cuda.empty_cache()
+            continue
+        if not with_critic:  # other work than the PPO rows: its own FLOPs, no speedup
+            policy_flops = 6 * n_policy * args.seqs * length
+            rows.append([v["label"], seconds, 100 * policy_flops / seconds / peak, 100 * policy_flops / seconds / 790e12, mem, "—"])
+            print(f"{name}: {seconds:.2f} s, peak {mem:.1f} GiB", flush=True)
+            opt_p.zero_grad(set_to_none=True)
             continue
         base = base or seconds
         rows.append([v["label"], seconds, 100 * flops / seconds / peak, 100 * flops / seconds / 790e12, mem, base / seconds])
@@ -153,14 +172,46 @@ def main() -> None:
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             update(last["micro"], last["chunked"])
             torch.cuda.synchronize()
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
+        wall = time.perf_counter() - t0
+        averages = prof.key_averages()
+        print(averages.table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=90))
+        print(kernel_categories(averages, wall))
     print(f"\n{device_name()}: PPO update, 2B4T shape, {args.layers} layers, {args.seqs} seqs x {length} tokens, minibatch {args.minibatch}, "
           f"policy {n_policy / 1e9:.2f} B + critic {n_critic / 1e9:.2f} B params (w/o input embedding), 6·N·tokens = {flops / 1e12:.0f} TFLOP; "
           f"measured bf16 matmul {peak / 1e12:.0f} TFLOP/s")
     print(table(["update path", "s", "MFU % (measured peak)", "MFU % (790 TFLOP/s)", "peak GiB", "speedup vs today"], rows))
+
+
+CATEGORIES = (  # first match wins, on the lower-cased kernel name
+    ("GEMM (cuBLAS / CUTLASS)", ("gemm", "cutlass", "nvjet", "sm90_xmma", "sm80_xmma", "cublas")),
+    ("attention", ("flash", "fmha", "attention", "attn")),
+    ("optimizer (AdamW, grad-norm clip)", ("adam", "foreach", "multi_tensor", "norm_kernel")),
+    ("Triton (ours or inductor)", ("triton",)),
+    ("reductions", ("reduce",)),
+    ("elementwise / copies", ("elementwise", "vectorized", "copy", "fill", "cat", "index", "scatter", "gather")),
+)
+
+
+def kernel_categories(averages, wall: float) -> str:
+    """Self CUDA time per kernel category vs the wall time of the profiled update (gaps = launch-bound time)."""
+    totals: dict[str, float] = {}
+    for event in averages:
+        us = getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0.0)
+        if not us:
+            continue
+        name = event.key.lower()
+        label = next((label for label, keys in CATEGORIES if any(k in name for k in keys)), "other")
+        totals[label] = totals.get(label, 0.0) + us / 1e6
+    busy = sum(totals.values())
+    rows = [[label, sec, 100 * sec / wall] for label, sec in sorted(totals.items(), key=lambda kv: -kv[1])]
+    rows.append(["all kernels", busy, 100 * busy / wall])
+    rows.append(["GPU idle (wall − kernels; launch and host time)", wall - busy, 100 * (wall - busy) / wall])
+    return table(["kernel category", "s", "% of the update's wall time"], rows)
 
 
 if __name__ == "__main__":

@@ -4,8 +4,9 @@ A model with the BitNet b1.58 2B4T layer shapes (fewer layers by default), fp32 
 weights under bf16 autocast (or bf16 weights with `--bf16-params`), AdamW, next-token loss on
 random tokens. Rows, all measured in this run, each compared with the nn.Linear step:
 - BitLinear, torch quantizers every forward (the path before the training levers);
-- BitLinear with its fast paths: Triton per-token fake quant (bit-exact), Q(W) cached per
-  optimizer step (gradient-checkpoint recomputes and micro-batches reuse it);
+- BitLinear with its fast paths: Triton per-token fake quant (bit-exact), Q(W) as one Triton
+  pass (bit-exact) cached per optimizer step (gradient-checkpoint recomputes and micro-batches
+  reuse it);
 - `--chunked`: the loss from `models.forward.chunked_head_logprobs` instead of full float32 logits.
 
     python benchmarks/train_step.py --layers 8 --batch 4 --seq 1024
@@ -72,7 +73,7 @@ def main() -> None:
     plain = measure(True, False, args)
     fast = measure(True, True, args)
     rows = []
-    for label, r in (("nn.Linear (bf16 autocast)", dense), ("BitLinear, torch quantizers per forward", plain), ("BitLinear, Triton act quant + Q(W) per step", fast)):
+    for label, r in (("nn.Linear (bf16 autocast)", dense), ("BitLinear, torch quantizers per forward", plain), ("BitLinear, Triton act quant + Triton Q(W) once per step", fast)):
         rows.append([label, r["seconds"] * 1e3, r["tokens_per_s"], 100 * r["flops"] / r["seconds"] / peak_flops, r["peak"], r["seconds"] / dense["seconds"], r["peak"] / dense["peak"]])
     master = "bf16 params" if args.bf16_params else "fp32 master + bf16 autocast"
     print(f"\n{device_name()}: 2B4T layer shapes, {args.layers} layers ({dense['params'] / 1e9:.2f} B params), batch {args.batch} x seq {args.seq}, AdamW, {master}, "

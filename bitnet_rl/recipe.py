@@ -222,6 +222,12 @@ class PPOConfig(Section):
         description="Correct for the generator not being the training policy: truncated importance weights (tis) or masking, per token or sequence.",
     )
     rollout_correction_cap: float = Field(2.0, gt=1, description="C: weights min(π_old/π_rollout, C); masks keep ratios in [1/C, C].")
+    old_logprobs: Literal["policy", "prefill", "rollout"] = Field(
+        "policy",
+        description="π_old for the PPO ratio: the training policy's own forward; the generator's packed prefill (fully ternary, "
+        "needs rollout.backend=packed and λ = 1); or the generator's sampling log-probs, no extra pass (needs "
+        "rollout_correction=none). The last two leave the rollout-mismatch metrics measuring the generator against itself.",
+    )
     dynamic_sampling: bool = Field(False, description="Drop groups whose rewards all tie and refill with new prompts (DAPO; grpo/rloo).")
     dynamic_sampling_rounds: int = Field(3, ge=0, description="Extra generation rounds allowed per iteration to refill dropped groups.")
     dynamic_sampling_max_mean: float | None = Field(
@@ -235,6 +241,11 @@ class PPOConfig(Section):
     missing_eos_penalty: float | None = Field(None, description="Added to the score of completions that hit max_new_tokens without EOS.")
     critic: Literal["policy", "reward_model"] = Field("policy", description="Critic backbone for gae: a copy of the SFT policy, or the reward model.")
     critic_lr: float | None = Field(None, gt=0, description="Critic learning rate (default: optimizer.lr).")
+    critic_values: Literal["critic", "prefill"] = Field(
+        "critic",
+        description="Rollout values (gae): the critic's own forward, or a packed copy of it re-synced each iteration on the generator's "
+        "prefill path (W2A8 kernels on CUDA; needs λ = 1 and no LoRA). The update always trains the critic's own forward.",
+    )
     eval_every: int = Field(0, ge=0, description="Greedy evaluation on held-out prompts every N iterations (0: only at the end).")
     eval_prompts: int = Field(128, ge=0, description="Held-out prompts for evaluation (0: no evaluation).")
     eval_path: str | None = Field(None, description="Held-out prompts file for evaluation; default: fresh demo prompts when prompts is `demo`, none otherwise.")

@@ -43,8 +43,8 @@ def paired_logprobs(
         padded = [c or [pad_id] for c in completions]
         ids, attention, prompt_lens, _ = (x.to(device) for x in pack_sequences(prompts, padded, pad_id))
         width = max(len(c) for c in padded)
-        logp = policy(input_ids=ids, attention_mask=attention).logits[:, :-1].float().log_softmax(-1)
-        logq = reference(input_ids=ids, attention_mask=attention).logits[:, :-1].float().log_softmax(-1)
+        logp = policy(input_ids=ids, attention_mask=attention, use_cache=False).logits[:, :-1].float().log_softmax(-1)
+        logq = reference(input_ids=ids, attention_mask=attention, use_cache=False).logits[:, :-1].float().log_softmax(-1)
         targets = ids[:, 1:, None]
         columns = [
             completion_columns(values, prompt_lens, width).cpu()
@@ -68,7 +68,7 @@ def token_nll(model: nn.Module, examples: list[dict[str, list[int]]], pad_id: in
     parts = []
     for start in range(0, len(examples), batch_size):
         batch = {k: v.to(device) for k, v in collate(examples[start : start + batch_size]).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits[:, :-1].float()
         labels = batch["labels"][:, 1:]
         losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none")
         parts.append(losses[labels.reshape(-1) != IGNORE_INDEX].double().cpu())

@@ -61,7 +61,7 @@ def token_values(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
 
 
 def _token_values(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    hidden = backbone(model)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    hidden = backbone(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     return model.score(hidden).squeeze(-1).float()
 
 

@@ -154,16 +154,18 @@ class BitLinear(nn.Linear):
 
     def quantized_weight(self) -> torch.Tensor:
         """`Q(W)` (no gradient), in the autocast dtype under autocast; cached until the weight changes."""
-        from bitnet_rl.quant.kernels.train import QuantizedWeightCache, _autocast_dtype
-
-        def compute(w: torch.Tensor) -> torch.Tensor:
-            return quantize_weight(w, self.granularity, self.group_size)
+        from bitnet_rl.quant.kernels import train as kernels
 
         if not self.cache_quantized_weight or torch.compiler.is_compiling():
-            return compute(self.weight)
+            return quantize_weight(self.weight, self.granularity, self.group_size)
+        dtype = kernels._autocast_dtype(self.weight)
+
+        def compute(w: torch.Tensor) -> torch.Tensor:  # one Triton pass on CUDA, written in the autocast dtype
+            return kernels.fake_quantize_weight(w, self.granularity, self.group_size, dtype)
+
         if self._weight_cache is None:
-            self._weight_cache = QuantizedWeightCache()
-        return self._weight_cache.get(self.weight, compute, dtype=_autocast_dtype(self.weight))
+            self._weight_cache = kernels.QuantizedWeightCache()
+        return self._weight_cache.get(self.weight, compute, dtype=dtype)
 
     def effective_weight(self) -> torch.Tensor:
         if self.lam == 0.0:

@@ -60,6 +60,15 @@ class PackedPrefill:
         tuner = Tuner(autotune=autotune and device.type == "cuda")
         return cls(packed, tuner, prefill_tokens=prefill_tokens, score=score)
 
+    @torch.no_grad()
+    def sync_from(self, model: nn.Module) -> None:
+        """Re-pack a model that trains (a BitLinear critic at λ = 1) into these buffers, score head included."""
+        self.model.sync_from(model)
+        if self.score is not None:
+            self.score[0].copy_(model.score.weight)
+            if self.score[1] is not None:
+                self.score[1].copy_(model.score.bias)
+
     @property
     def max_positions(self) -> int:
         """The longest sequence it runs (RoPE tables of `max_position_embeddings`)."""

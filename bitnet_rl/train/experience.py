@@ -139,7 +139,7 @@ def policy_forward(model: nn.Module, exp: Experience, with_entropy: bool = False
     if hasattr(inner, "base_model") and inner.get_output_embeddings() is not None:  # no (B, T, V) logits (issue 13)
         logprobs, entropy = causal_lm_logprobs(model, exp.input_ids, exp.attention_mask, with_entropy=with_entropy)
         return completion_columns(logprobs, exp.prompt_lens, width), None if entropy is None else completion_columns(entropy, exp.prompt_lens, width)
-    logits = model(input_ids=exp.input_ids, attention_mask=exp.attention_mask).logits[:, :-1]
+    logits = model(input_ids=exp.input_ids, attention_mask=exp.attention_mask, use_cache=False).logits[:, :-1]
     logprobs = logprobs_from_logits(logits, exp.input_ids[:, 1:])
     entropy = completion_columns(entropy_from_logits(logits), exp.prompt_lens, width) if with_entropy else None
     return completion_columns(logprobs, exp.prompt_lens, width), entropy

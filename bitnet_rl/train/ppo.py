@@ -50,6 +50,7 @@ from bitnet_rl.rl.shaping import group_reward_stats
 from bitnet_rl.rollout import make_generator
 from bitnet_rl.train.experience import (
     Experience,
+    completion_columns,
     critic_forward,
     experience_from_rollout,
     policy_forward,
@@ -94,6 +95,18 @@ def check_config(cfg: PPOConfig, recipe: Recipe) -> None:
     if cfg.overlong_buffer > recipe.rollout.max_new_tokens:
         raise UserError(f"ppo.overlong_buffer={cfg.overlong_buffer} exceeds rollout.max_new_tokens={recipe.rollout.max_new_tokens}")
     warming_up = current_lambda(recipe, 0) < 1.0
+    if cfg.old_logprobs == "rollout" and cfg.rollout_correction != "none":
+        raise UserError(
+            f"ppo.old_logprobs=rollout takes π_old from the generator, so ppo.rollout_correction={cfg.rollout_correction} would "
+            "compare the rollout log-probs with themselves: set ppo.rollout_correction=none (the PPO ratio then carries the mismatch)"
+        )
+    if cfg.old_logprobs == "prefill" and (recipe.rollout.backend != "packed" or warming_up):
+        raise UserError(
+            "ppo.old_logprobs=prefill runs the packed generator's fully ternary model: it needs rollout.backend=packed and "
+            "a quant.schedule at λ = 1 from the start (use ppo.old_logprobs=policy)"
+        )
+    if cfg.critic_values == "prefill" and (warming_up or recipe.lora.enabled):
+        raise UserError("ppo.critic_values=prefill packs the critic as ternary: it needs λ = 1 from the start and no LoRA (use ppo.critic_values=critic)")
     if warming_up and recipe.rollout.backend == "packed" and cfg.rollout_correction == "none":
         raise UserError(
             "quant.schedule starts below λ = 1, but the packed generator samples the fully ternary model: "
@@ -131,6 +144,7 @@ class PPOTrainer:
         self.critic = self.run.add_model(critic, name="critic", lr=cfg.critic_lr or recipe.optimizer.lr) if critic is not None else None
         self.reference.to(self.accelerator.device)
         self.kl_ctl = kl_controller(cfg)
+        self.critic_prefill = None  # ppo.critic_values=prefill: the critic's packed copy, built at the first rollout
         self.sampler: EpochSampler | None = None
         max_prompt = max(len(p) for p in self.prompt_ids + [encode_prompt(self.tokenizer, p, self.chat) for p in self.eval_prompts])
         with gathered_params(self.unwrapped):  # FSDP2: the generator packs the full weights
@@ -197,10 +211,10 @@ class PPOTrainer:
         exp = experience_from_rollout(sampled.out, sampled.scores, device)
         mask = exp.mask
         self.policy.eval()
-        exp.old_logprobs = policy_forward(self.policy, exp)[0] * mask
+        exp.old_logprobs = self._old_logprobs(exp) * mask
         exp.ref_logprobs = policy_forward(self.reference, exp)[0] * mask
         if self.critic is not None:
-            exp.values = critic_forward(self.critic, exp) * mask
+            exp.values = self._values(exp) * mask
         exp.is_weights, exp.loss_mask = rollout_correction(cfg.rollout_correction, exp.old_logprobs, exp.rollout_logprobs, mask, cfg.rollout_correction_cap)
         kl = kl_estimate(exp.old_logprobs, exp.ref_logprobs, cfg.kl_estimator) * mask
         all_reduce = all_reduce_sum(acc) if acc.num_processes > 1 else None
@@ -231,6 +245,29 @@ class PPOTrainer:
         weights = {**per_row, "reward_std": groups, "frac_reward_zero_std": groups, "correction/kept_tokens": float(mask.sum()), "correction/mean_weight": float(exp.loss_mask.sum())}
         stats = reduce_rollout_stats(acc, stats, weights, maxima=("time/generate", "time/score", "time/logprobs", "dynamic/rounds"), sums=("rollout_tokens_per_s", "dynamic/dropped_groups"))
         return exp, stats, sampled.completions
+
+    def _old_logprobs(self, exp: Experience) -> torch.Tensor:
+        """π_old of the completion tokens `(B, T)` from `ppo.old_logprobs` (issue 13: the last two skip the policy's pass)."""
+        source = self.cfg.old_logprobs
+        if source == "rollout":  # the generator's temperature-1 log-probs of the sampled tokens (verl: recompute_old_log_prob off)
+            return exp.rollout_logprobs
+        if source == "prefill":  # the generator, synced at this rollout, on its packed prefill path
+            return completion_columns(self.generator.token_logprobs(exp.input_ids).float(), exp.prompt_lens, exp.mask.shape[1])
+        return policy_forward(self.policy, exp)[0]
+
+    def _values(self, exp: Experience) -> torch.Tensor:
+        """Critic values `(B, T)` from `ppo.critic_values`: the critic's forward, or its packed copy synced now (issue 13)."""
+        if self.cfg.critic_values == "critic":
+            return critic_forward(self.critic, exp)
+        from bitnet_rl.rollout.prefill import PackedPrefill
+
+        with gathered_params(self.accelerator.unwrap_model(self.critic)) as critic:
+            if self.critic_prefill is None:
+                self.critic_prefill = PackedPrefill.from_model(critic)
+            else:
+                self.critic_prefill.sync_from(critic)
+        values = self.critic_prefill.token_values(exp.input_ids)[:, :-1].float()
+        return completion_columns(values, exp.prompt_lens, exp.mask.shape[1])
 
     def update(self, exp: Experience) -> dict[str, float]:
         """`ppo.epochs` passes of clipped updates over shuffled minibatches of `exp`."""

@@ -47,7 +47,7 @@ def aggregate(losses: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tenso
 
 def sft_loss_fn(aggregation: str):
     def loss_fn(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any], int]:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
         losses, mask = token_losses(logits, batch["labels"])
         n = int(mask.sum())
         token_loss = (losses * mask).sum().detach() / max(n, 1)
@@ -68,7 +68,7 @@ def evaluate_loss(model: nn.Module, examples: list[dict], collate, batch_size: i
     total, count = 0.0, 0
     for start in range(0, len(examples), batch_size):
         batch = {k: v.to(device) for k, v in collate(examples[start : start + batch_size]).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
         losses, mask = token_losses(logits, batch["labels"])
         total += float((losses * mask).sum())
         count += int(mask.sum())

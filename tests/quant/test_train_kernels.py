@@ -90,3 +90,45 @@ def test_bitlinear_gpu_fast_paths_match_reference_step():
     gx_fast, gw_fast = torch.autograd.grad(fast, (x, layer.weight), g)
     gx_slow, gw_slow = torch.autograd.grad(slow, (x, layer.weight), g)
     assert torch.equal(gx_fast, gx_slow) and torch.equal(gw_fast, gw_slow)
+
+
+@pytest.mark.parametrize("granularity", ["per_tensor", "per_channel", "per_group"])
+def test_fake_quantize_weight_matches_quantize_weight_on_cpu(granularity):
+    """The dispatch (torch off CUDA) gives `quantize_weight` cast to the requested dtype, and BitLinear's cached Q(W) uses it."""
+    from bitnet_rl.quant.kernels.train import fake_quantize_weight
+
+    torch.manual_seed(0)
+    w = torch.randn(12, 64)
+    for dtype in (None, torch.bfloat16):
+        expected = quantize_weight(w, granularity, 32).to(dtype or w.dtype)
+        assert torch.equal(fake_quantize_weight(w, granularity, 32, dtype), expected)
+    layer = BitLinear(64, 12, granularity=granularity, group_size=32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        q = layer.quantized_weight()
+    assert q.dtype == torch.bfloat16 and torch.equal(q, quantize_weight(layer.weight, granularity, 32).to(torch.bfloat16))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not triton_available(), reason="needs CUDA and Triton")
+def test_weight_quant_kernel_is_bit_exact():
+    """Triton Q(W) equals the torch reference bit for bit: every granularity, fp32/bf16 masters, fp32/bf16 outputs, ties."""
+    from bitnet_rl.quant.kernels.train import fake_quantize_weight
+    from bitnet_rl.quant.kernels.triton_train import ternary_dequant
+
+    torch.manual_seed(0)
+    for granularity in ("per_tensor", "per_channel", "per_group"):
+        for wdtype in (torch.float32, torch.bfloat16):
+            for shape in ((640, 2560), (37, 384), (6912, 2560)):
+                w = (torch.randn(shape, device="cuda") * torch.rand(shape[0], 1, device="cuda")).to(wdtype)
+                w[1] = 0  # an all-zero row (per channel: the clamped scale)
+                for out in (None, torch.bfloat16):
+                    fast = fake_quantize_weight(w, granularity, 128, out)
+                    ref = quantize_weight(w, granularity, 128).to(out or wdtype)
+                    assert fast.dtype == ref.dtype and torch.equal(fast, ref), (granularity, wdtype, shape, out)
+    assert torch.equal(fake_quantize_weight(w, "per_tensor", triton=False), quantize_weight(w))
+    # exact ties W·s = ±0.5, ±1.5 (round half to even: 0, ±2 → ±1) against the torch formula with the same scale
+    w = torch.tensor([0.125, -0.125, 0.375, -0.375, 0.0, 0.1249, 0.1251, 3.0], device="cuda").repeat(3, 1)
+    scale = torch.tensor(4.0, device="cuda")
+    expected = (w * scale).round().clamp(-1, 1) / scale
+    assert torch.equal(ternary_dequant(w, scale, w.numel()), expected)
+    assert expected[0, :5].tolist() == [0.0, 0.0, 0.25, -0.25, 0.0]

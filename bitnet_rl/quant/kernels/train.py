@@ -2,6 +2,9 @@
 
 - `fake_quantize_activation(x)`: `quant.bitlinear.quantize_activation` as one Triton kernel on
   CUDA (bit-identical), written in the autocast dtype when autocast is on.
+- `fake_quantize_weight(w, ...)`: `quant.bitlinear.quantize_weight` with its elementwise part
+  as one Triton kernel on CUDA (bit-identical; the absmean scale stays torch's reduction),
+  written in the autocast dtype.
 - `QuantizedWeightCache`: the ternary fake-quantized weight computed once per weight update
   instead of once per forward (micro-batches and activation-checkpoint recomputes reuse it).
   Validity is keyed on the parameter's storage and autograd version counter, which every
@@ -37,6 +40,23 @@ def fake_quantize_activation(x: torch.Tensor, *, triton: bool = True) -> torch.T
 
         return fake_quant_rows(x.detach(), _autocast_dtype(x) or x.dtype)
     return quantize_activation(x)
+
+
+def fake_quantize_weight(weight: torch.Tensor, granularity: str = "per_tensor", group_size: int = 128, out_dtype: torch.dtype | None = None, *, triton: bool = True) -> torch.Tensor:
+    """Absmean ternary fake quantization `Q(W)` in `out_dtype` (default `weight.dtype`), no gradient.
+
+    Equals `quantize_weight(weight, granularity, group_size).to(out_dtype)` bit for bit.
+    """
+    from bitnet_rl.quant.bitlinear import quantize_weight, weight_scale
+
+    out_dtype = out_dtype or weight.dtype
+    if torch.compiler.is_compiling() or not use_triton(weight, triton) or weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return quantize_weight(weight, granularity, group_size).to(out_dtype)
+    from bitnet_rl.quant.kernels.triton_train import ternary_dequant
+
+    scale = weight_scale(weight, granularity, group_size)
+    per_scale = {"per_tensor": weight.numel(), "per_channel": weight.shape[-1]}.get(granularity, group_size)
+    return ternary_dequant(weight, scale, max(per_scale, 1), out_dtype)
 
 
 @dataclass
