@@ -233,6 +233,9 @@ class PPOConfig(Section):
     dynamic_sampling_max_mean: float | None = Field(
         None, description="Dynamic sampling also drops groups whose mean raw reward exceeds this (PRIME's accuracy ≤ 0.8 filter; 0/1 rewards: mostly solved prompts)."
     )
+    skip_dropped_prompts: float = Field(
+        0.0, ge=0, lt=1, description="Probability of skipping, before generation, a prompt whose latest group dynamic sampling dropped (GRESO; 0: off)."
+    )
     overlong_buffer: int = Field(0, ge=0, description="DAPO soft overlong penalty over the last N tokens before max_new_tokens (0: off).")
     overlong_penalty: float = Field(1.0, ge=0, description="Scale of the overlong penalty (−scale at max_new_tokens).")
     epochs: int = Field(2, gt=0, description="Passes over each rollout batch.")

@@ -46,7 +46,7 @@ from bitnet_rl.rl.estimators import (
 )
 from bitnet_rl.rl.kl import AdaptiveKLController, FixedKLController, kl_estimate
 from bitnet_rl.rl.losses import ppo_policy_loss, value_loss
-from bitnet_rl.rl.shaping import group_reward_stats
+from bitnet_rl.rl.shaping import filtered_groups, group_reward_stats
 from bitnet_rl.rollout import make_generator
 from bitnet_rl.train.experience import (
     Experience,
@@ -58,6 +58,7 @@ from bitnet_rl.train.experience import (
 from bitnet_rl.train.loop import EpochSampler, current_lambda
 from bitnet_rl.train.ppo_eval import heldout_prompts, make_evaluator
 from bitnet_rl.train.ppo_sampling import sample_groups, sample_round
+from bitnet_rl.train.prompt_skip import PromptSkipper, rank_major_to_pick_order
 from bitnet_rl.train.run import Run
 from bitnet_rl.train.rundir import check_run
 
@@ -90,6 +91,8 @@ def check_config(cfg: PPOConfig, recipe: Recipe) -> None:
         raise UserError(f"ppo.dynamic_sampling needs a group estimator (grpo, rloo), not ppo.advantage={cfg.advantage}")
     if cfg.dynamic_sampling_max_mean is not None and not cfg.dynamic_sampling:
         raise UserError(f"ppo.dynamic_sampling_max_mean={cfg.dynamic_sampling_max_mean} filters groups only with ppo.dynamic_sampling: true")
+    if cfg.skip_dropped_prompts > 0 and not cfg.dynamic_sampling:
+        raise UserError(f"ppo.skip_dropped_prompts={cfg.skip_dropped_prompts} skips prompts that dynamic sampling dropped: set ppo.dynamic_sampling: true")
     if cfg.minibatch_size % cfg.micro_batch_size:
         raise UserError(f"ppo.minibatch_size={cfg.minibatch_size} is not a multiple of ppo.micro_batch_size={cfg.micro_batch_size}")
     if cfg.overlong_buffer > recipe.rollout.max_new_tokens:
@@ -146,6 +149,7 @@ class PPOTrainer:
         self.kl_ctl = kl_controller(cfg)
         self.critic_prefill = None  # ppo.critic_values=prefill: the critic's packed copy, built at the first rollout
         self.sampler: EpochSampler | None = None
+        self.skipper = PromptSkipper(len(self.prompts), cfg.skip_dropped_prompts, recipe.train.seed)
         max_prompt = max(len(p) for p in self.prompt_ids + [encode_prompt(self.tokenizer, p, self.chat) for p in self.eval_prompts])
         with gathered_params(self.unwrapped):  # FSDP2: the generator packs the full weights
             self.generator = lora_generator(lambda: make_generator(  # with LoRA, syncs re-pack Q(W + s·B·A)
@@ -199,11 +203,16 @@ class PPOTrainer:
                 self.generator.sync_from(self.unwrapped)
 
         def round_fn(round_index: int):
-            picked = sampler.next(cfg.prompts_per_iteration * acc.num_processes)[acc.process_index :: acc.num_processes]
+            everyone_picked = self.skipper.pick(sampler, cfg.prompts_per_iteration * acc.num_processes, iteration, round_index)
+            picked = everyone_picked[acc.process_index :: acc.num_processes]
             prompts = [self.prompts[i] for i in picked for _ in range(cfg.samples_per_prompt)]
             prompt_ids = [self.prompt_ids[i] for i in picked for _ in range(cfg.samples_per_prompt)]
             seed = self.recipe.train.seed * 100_003 + iteration * acc.num_processes + acc.process_index + round_index * 7_919_113
-            return sample_round(self.generator, self.tokenizer, self.reward, prompts, prompt_ids, cfg, self.recipe.rollout, seed, device)
+            result = sample_round(self.generator, self.tokenizer, self.reward, prompts, prompt_ids, cfg, self.recipe.rollout, seed, device)
+            if cfg.skip_dropped_prompts > 0:  # every rank learns every group's outcome, so the skippers stay equal
+                dropped = filtered_groups(result.scores, result.raw, cfg.samples_per_prompt, cfg.dynamic_sampling_max_mean)
+                self.skipper.record(everyone_picked, rank_major_to_pick_order(gather_rows(acc, dropped.to(device))[0], acc.num_processes))
+            return result
 
         # as many rounds on every rank; a reward error anywhere raises on every rank, so all of them save and stop together
         sampled = sample_groups(round_fn, cfg, everyone=all_ranks(acc))
@@ -240,10 +249,11 @@ class PPOTrainer:
         }
         if cfg.dynamic_sampling:
             stats["dynamic/rounds"], stats["dynamic/dropped_groups"] = sampled.rounds, sampled.dropped_groups
+            stats["dynamic/skipped_prompts"] = self.skipper.take_skipped() / acc.num_processes  # summed over ranks below
         rows, groups = len(exp), len(exp) / cfg.samples_per_prompt
         per_row = {k: rows for k in ("reward", "score", "kl", "response_length", "eos_rate")}
         weights = {**per_row, "reward_std": groups, "frac_reward_zero_std": groups, "correction/kept_tokens": float(mask.sum()), "correction/mean_weight": float(exp.loss_mask.sum())}
-        stats = reduce_rollout_stats(acc, stats, weights, maxima=("time/generate", "time/score", "time/logprobs", "dynamic/rounds"), sums=("rollout_tokens_per_s", "dynamic/dropped_groups"))
+        stats = reduce_rollout_stats(acc, stats, weights, maxima=("time/generate", "time/score", "time/logprobs", "dynamic/rounds"), sums=("rollout_tokens_per_s", "dynamic/dropped_groups", "dynamic/skipped_prompts"))
         return exp, stats, sampled.completions
 
     def _old_logprobs(self, exp: Experience) -> torch.Tensor:
@@ -352,10 +362,11 @@ class PPOTrainer:
         return record
 
     def state_dict(self) -> dict[str, Any]:
-        return {"kl_ctl": self.kl_ctl.state_dict()}
+        return {"kl_ctl": self.kl_ctl.state_dict(), "prompt_skip": self.skipper.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.kl_ctl.load_state_dict(state["kl_ctl"])
+        self.skipper.load_state_dict(state.get("prompt_skip", {}))  # absent in checkpoints written before prompt skipping
 
     def final_files(self, model: nn.Module) -> dict:
         return {}

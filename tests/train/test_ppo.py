@@ -81,7 +81,9 @@ def test_resume_matches_uninterrupted_run(sft_dir, tmp_path, estimator):
     a, b = tmp_path / "a", tmp_path / "b"
     extra = {"advantage": estimator, "adaptive_kl": True, "kl_target": 0.1}
     if estimator == "grpo":  # dynamic sampling draws extra prompts: the sampler position must resume too
-        extra.update(samples_per_prompt=4, prompts_per_iteration=4, dynamic_sampling=True, loss_aggregation="seq_mean_token_mean", clip_eps_high=0.28)
+        extra.update(samples_per_prompt=4, prompts_per_iteration=4, dynamic_sampling=True, loss_aggregation="seq_mean_token_mean", clip_eps_high=0.28,
+                     dynamic_sampling_max_mean=0.7, skip_dropped_prompts=0.8,  # few prompts, drawn again: the skip flags must resume too
+                     num_prompts=24, rewards=[{"source": "reward_models.demo_task:exact_match"}])
     run_ppo(ppo_recipe(a, sft_dir, **{"iterations": 4, "prompts_per_iteration": 16, "minibatch_size": 8, "micro_batch_size": 8, **extra}))
     recipe_b = ppo_recipe(b, sft_dir, **{"iterations": 4, "prompts_per_iteration": 16, "minibatch_size": 8, "micro_batch_size": 8, **extra})
     recipe_b.checkpoint.every = 2
@@ -92,7 +94,7 @@ def test_resume_matches_uninterrupted_run(sft_dir, tmp_path, estimator):
     assert [r["step"] for r in rows_b] == [1, 2, 3, 4]
     for ra, rb in zip(rows_a, rows_b):
         assert rb["sample"] == ra["sample"]
-        for key in ("reward", "kl", "kl_coef", "loss/policy", "loss/value", "dynamic/rounds"):
+        for key in ("reward", "kl", "kl_coef", "loss/policy", "loss/value", "dynamic/rounds", "dynamic/skipped_prompts"):
             if key in ra:
                 assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=1e-6), key
     pa, pb = load_policy(a / "final"), load_policy(b / "final")
