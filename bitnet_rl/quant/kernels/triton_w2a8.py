@@ -290,7 +290,11 @@ TILES = {
 
 
 # dp4a GEMV tiles for M ≤ DP4A_MAX_M: (BLOCK_N, BLOCK_KW words, num_warps).
-DP4A_TILES = [(8, 64, 4), (16, 64, 4), (16, 128, 4), (32, 64, 4), (32, 128, 8), (64, 64, 8)]
+DP4A_TILES = [
+    (8, 64, 4), (16, 64, 4), (16, 128, 4), (32, 64, 4), (32, 128, 8), (64, 64, 8),
+    # one pass over a whole 2560-wide (160 words) or 6912-wide (432 words) row: every load in flight at once
+    (2, 256, 2), (4, 256, 4), (8, 256, 4), (16, 256, 8), (2, 512, 4), (4, 512, 4), (8, 512, 8),
+]
 
 
 def candidates(m: int, n: int, kb: int, group: bool) -> list[Config]:
