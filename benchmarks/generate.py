@@ -89,7 +89,7 @@ def bench_ours(model, args, device, batches) -> tuple[dict, dict]:
     capture_s, _ = timed(gen.capture, device) if gen.cuda_graphs else (0.0, None)
     info = dict(build_s=build_s, sync_ms=1e3 * statistics.median(sync_times), capture_s=capture_s, **gen.weight_bytes())
     print(f"ours: build {build_s:.1f} s, sync_from {info['sync_ms']:.1f} ms, tune + capture {capture_s:.1f} s", flush=True)
-    rows = {}
+    rows, tokens = {}, {}
     for b in batches:
         prompts = torch.randint(*token_range(args), (b, args.prompt)).tolist()
         kw = dict(temperature=0, stop_token_ids=())
@@ -98,9 +98,12 @@ def bench_ours(model, args, device, batches) -> tuple[dict, dict]:
         peak_reset(device)
         total_s, out = timed(lambda: gen.generate(prompts, max_new_tokens=args.new_tokens, **kw), device)
         assert int(out.lengths.min()) == args.new_tokens
+        tokens[b] = out.completion_ids.cpu()
         decode_ms = 1e3 * (total_s - prefill_s) / (args.new_tokens - 1)
         rows[b] = dict(tok_s=b * args.new_tokens / total_s, ms_token=decode_ms, prefill_ms=1e3 * prefill_s, peak_gb=peak_gb(device))
         print(f"ours batch {b}: {rows[b]}", flush=True)
+    if args.tokens:  # greedy completions, for `compare_generate.py` (old code vs new on the same prompts)
+        torch.save(tokens, args.tokens)
     return rows, info, gen
 
 
@@ -280,6 +283,7 @@ def main() -> None:
     parser.add_argument("--no-breakdown", action="store_true")
     parser.add_argument("--tiny", action="store_true", help="small model on CPU (smoke test)")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--tokens", default=None, help="save ours' greedy completions {batch: ids} to this .pt file")
     args = parser.parse_args()
 
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")

@@ -59,7 +59,7 @@ class DecodeState:
     origin: torch.Tensor  # (B_max,) long, its row in the output (B = dummy)
     active: torch.Tensor  # (B_max,) bool
     hidden: torch.Tensor  # (B_max, D) dtype, residual stream
-    logits: torch.Tensor  # (B_max, V) float32
+    logits: torch.Tensor  # (B_max, V) activation dtype (the lm_head's output, as the policy computes it)
 
     @classmethod
     def empty(cls, rows: int, arch: Arch, dtype: torch.dtype, device: torch.device) -> "DecodeState":
@@ -70,7 +70,7 @@ class DecodeState:
             origin=torch.zeros(rows, dtype=torch.long, device=device),
             active=torch.zeros(rows, dtype=torch.bool, device=device),
             hidden=torch.zeros((rows, arch.hidden), dtype=dtype, device=device),
-            logits=torch.zeros((rows, arch.vocab), dtype=torch.float32, device=device),
+            logits=torch.zeros((rows, arch.vocab), dtype=dtype, device=device),
         )
 
 
@@ -111,6 +111,19 @@ def head(model: PackedModel, hidden: torch.Tensor) -> torch.Tensor:
     return F.linear(x, model.lm_head, model.lm_head_bias).float()
 
 
+def head_into(model: PackedModel, hidden: torch.Tensor, out: torch.Tensor) -> None:
+    """`head` without the float32 copy: the activation-dtype logits written into `out (b, V)`.
+
+    The same cuBLAS product as `F.linear` (`mm` / `addmm` with the transposed weight), so the
+    values equal `head`'s before its `.float()`; the sampler upcasts what it needs.
+    """
+    x = rms_norm(hidden, model.final_norm, model.arch.eps)
+    if model.lm_head_bias is None:
+        torch.mm(x, model.lm_head.t(), out=out)
+    else:
+        torch.addmm(model.lm_head_bias, x, model.lm_head.t(), out=out)
+
+
 def attention_kwargs(model: PackedModel) -> dict:
     a = model.arch
     return dict(n_heads=a.n_heads, n_kv_heads=a.n_kv_heads, head_dim=a.head_dim, scale=a.scale, dtype=model.dtype)
@@ -120,7 +133,7 @@ def decode_step(
     model: PackedModel, state: DecodeState, work: Work, k_cache: torch.Tensor, v_cache: torch.Tensor, b: int,
     *, kernels=None, attention_tile: dict | None = None,
 ) -> None:
-    """One token for rows `0 … b−1` of the decode state → `state.logits[:b]` (graph-safe)."""
+    """One token for rows `0 … b−1` of the decode state → `state.logits[:b]` (activation dtype; graph-safe)."""
     hidden = state.hidden[:b]
     torch.index_select(model.embed, 0, state.tokens[:b], out=hidden)
     slots, positions = state.slots[:b], state.positions[:b]
@@ -130,7 +143,7 @@ def decode_step(
         decode_attention(qkv, k_cache[i], v_cache[i], slots, positions, model.cos, model.sin, out, **kwargs)
 
     run_layers(model, hidden, work.rows(b), attend, kernels)
-    state.logits[:b].copy_(head(model, hidden))
+    head_into(model, hidden, state.logits[:b])
 
 
 def prefill(
