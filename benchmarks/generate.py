@@ -85,6 +85,8 @@ def bench_ours(model, args, device, batches) -> tuple[dict, dict]:
     build_s, gen = timed(
         lambda: PackedGenerator.from_model(model, max_batch_size=max(batches), max_seq_len=args.prompt + args.new_tokens), device
     )
+    if args.no_fused:  # the unfused decode kernels (norm + quant as their own launches) for comparison
+        gen.tuner.kernels.fused_prologue = False
     sync_times = [timed(lambda: gen.sync_from(model), device)[0] for _ in range(3)]
     capture_s, _ = timed(gen.capture, device) if gen.cuda_graphs else (0.0, None)
     info = dict(build_s=build_s, sync_ms=1e3 * statistics.median(sync_times), capture_s=capture_s, **gen.weight_bytes())
@@ -283,6 +285,7 @@ def main() -> None:
     parser.add_argument("--no-breakdown", action="store_true")
     parser.add_argument("--tiny", action="store_true", help="small model on CPU (smoke test)")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--no-fused", action="store_true", help="decode M ≤ 4 without the fused norm + quant + GEMV kernel")
     parser.add_argument("--tokens", default=None, help="save ours' greedy completions {batch: ids} to this .pt file")
     args = parser.parse_args()
 
