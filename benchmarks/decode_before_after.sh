@@ -10,7 +10,7 @@ PYTHONPATH=$OLD timeout 170 python3 generate.py $args --no-breakdown --json "$ou
 echo "before: rc $?"; tail -n 3 "$out/before.txt"
 PYTHONPATH=$NEW timeout 190 python3 generate.py $args --json "$out/after.json" --tokens "$out/after.pt" > "$out/after.txt" 2>&1
 echo "after: rc $?"
-[ -n "${SKIP_UNFUSED:-}" ] || PYTHONPATH=$NEW timeout 80 python3 generate.py --batch 1 --skip-baselines --new-tokens 256 --no-breakdown --no-fused --json "$out/unfused.json" > "$out/unfused.txt" 2>&1
+[ -n "${SKIP_UNFUSED:-}" ] || PYTHONPATH=$NEW timeout 80 python3 generate.py --batch 1 --skip-baselines --new-tokens 256 --no-breakdown --fused off --json "$out/unfused.json" > "$out/unfused.txt" 2>&1
 echo "after, unfused b1: rc $?"
 PYTHONPATH=$NEW python3 compare_generate.py "$out/before.json" "$out/after.json" --tokens "$out/before.pt" "$out/after.pt"
 [ -n "${SKIP_UNFUSED:-}" ] || PYTHONPATH=$NEW python3 compare_generate.py "$out/before.json" "$out/unfused.json"

@@ -79,11 +79,10 @@ def linear(
 
 
 def fused_prologue_ok(rows: int, weights, tuner=None) -> bool:
-    """Whether `norm_quant_linear` runs as one fused Triton kernel for these rows and weights
-    (CUDA, M ≤ 4, dp4a-shaped weights; `tuner.fused_prologue` switches it off)."""
-    if tuner is not None and not getattr(tuner, "fused_prologue", True):
-        return False
-    if not weights or not use_triton(weights[0].packed):
+    """Whether `norm_quant_linear` runs as one fused Triton kernel for these rows and weights:
+    CUDA, M ≤ 4, dp4a-shaped weights, and the tuner's choice (`KernelTuner.use_fused`: forced by
+    `fused_prologue`, else only where it timed faster; never without a tuner)."""
+    if tuner is None or not weights or not use_triton(weights[0].packed) or not tuner.use_fused(rows):
         return False
     from bitnet_rl.quant.kernels.triton_fused import fused_ok
 

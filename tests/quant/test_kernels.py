@@ -269,6 +269,7 @@ def test_generator_fused_prologue_gpu_greedy_equals_cpu_reference():
     prompts = [[5, 6, 7, 8, 9], [10, 11, 12], [40, 41]]
     cpu = PackedGenerator.from_model(model, max_batch_size=4, max_seq_len=64)
     gpu = PackedGenerator.from_model(model, max_batch_size=4, max_seq_len=64, device="cuda", dtype=torch.float32)
+    gpu.tuner.kernels.fused_prologue = True  # forced on (by default the tuner keeps it only where it times faster)
     assert fused_prologue_ok(4, gpu.model.layers[0].projections(), gpu.tuner.kernels)
     expected = cpu.generate(prompts, max_new_tokens=20, temperature=0, stop_token_ids=())
     got = gpu.generate(prompts, max_new_tokens=20, temperature=0, stop_token_ids=())

@@ -19,9 +19,13 @@ import torch
 class KernelTuner:
     autotune: bool = True
     use_asm: bool = True
-    fused_prologue: bool = True  # decode M ≤ 4: norm + quantization inside the GEMV (`triton_fused.py`)
+    # decode M ≤ 4: norm + quantization inside the GEMV (`triton_fused.py`): None = where timed faster
+    fused_prologue: bool | None = None
     configs: dict = field(default_factory=dict)  # (m_class, N, KB, group) → triton_w2a8.Config
+    times: dict = field(default_factory=dict)  # same key → µs of the chosen config
     fused_tiles: dict = field(default_factory=dict)  # (m_class, N, KB) → (BLOCK_N, BLOCK_KW, num_warps) of triton_fused
+    fused_wins: dict = field(default_factory=dict)  # m_class → fused faster than norm_quant + GEMV over a layer
+    fused_report: dict = field(default_factory=dict)  # m_class → {projection N×K: (fused µs, unfused µs)}
 
     @staticmethod
     def key(m: int, n: int, kb: int, group: bool) -> tuple[int, int, int, bool]:
@@ -45,54 +49,28 @@ class KernelTuner:
 
     def ensure(self, weights, m: int) -> None:
         """Tune each of `weights` at `m` rows once (no-op when autotune is off or already tuned);
-        for M ≤ 4 also the tile of the fused norm + quant + GEMV kernel."""
+        for M ≤ 4 also time the fused norm + quant + GEMV kernel against the unfused pair."""
         if not self.autotune:
             return
         for w in weights:
-            if self.key(m, *w.packed.shape, bool(w.group_size)) not in self.configs:
-                self.tune(w, m)
-            fused_key = self.key(m, *w.packed.shape, False)[:3]
-            if self.fused_prologue and fused_key not in self.fused_tiles and _fused_ok(m, w):
-                results = time_fused_tiles(w, m)
-                if results:
-                    self.fused_tiles[fused_key] = results[0][1]
+            key = self.key(m, *w.packed.shape, bool(w.group_size))
+            if key not in self.configs:
+                results = self.tune(w, m)
+                self.times[key] = results[0][0] if results else float("inf")
+        if self.fused_prologue is not False and self.key(m, 0, 0, False)[0] not in self.fused_wins:
+            from bitnet_rl.quant.kernels.fused_tuning import decide
+
+            decide(self, weights, m)
 
     def fused_tile(self, m: int, weight) -> tuple[int, int, int] | None:
         """The fused kernel's tuned tile for this shape, or None (its heuristic)."""
         return self.fused_tiles.get(self.key(m, *weight.packed.shape, False)[:3])
 
-
-def _fused_ok(m: int, weight) -> bool:
-    from bitnet_rl.quant.kernels.triton_fused import fused_ok
-
-    return fused_ok(m, weight)
-
-
-FUSED_TILES = [(4, 256, 4), (8, 256, 4), (16, 256, 8), (8, 512, 8), (16, 512, 8)]  # (BLOCK_N, BLOCK_KW, num_warps)
-
-
-def time_fused_tiles(weight, m: int) -> list:
-    """`(µs, tile)` of the fused norm + quant + GEMV kernel (plain input with a norm, weights
-    rotated past L2), fastest first."""
-    from bitnet_rl.quant.kernels.triton_fused import norm_quant_gemv
-
-    device = weight.packed.device
-    inp = torch.randn((m, weight.in_features), device=device)
-    norm = torch.rand(weight.in_features, device=device) + 0.5
-    out = torch.empty((m, weight.out_features), device=device)
-    weights = rotating_copies(weight)
-    results = []
-    for tile in FUSED_TILES:
-        def run(t=tile):
-            for w in weights:
-                norm_quant_gemv(inp, w, out, norm_weight=norm, tile=t)
-
-        try:
-            results.append((1e3 * time_graph(run) / len(weights), tile))
-        except Exception:  # a tile that does not compile or fit is skipped
-            continue
-    results.sort(key=lambda r: r[0])
-    return results
+    def use_fused(self, m: int) -> bool:
+        """Whether decode rows `m` run the fused kernel: forced by `fused_prologue`, else where it timed faster."""
+        if self.fused_prologue is not None:
+            return self.fused_prologue
+        return bool(self.fused_wins) and self.fused_wins.get(self.key(m, 0, 0, False)[0], False)
 
 
 def time_graph(fn, replays: int = 10) -> float:
