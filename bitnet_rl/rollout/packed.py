@@ -16,8 +16,9 @@ and each decode row carries its own position and cache slot, so a ragged batch p
 same tokens as one prompt at a time. Decode runs in batch buckets (1, 2, 4, …): when enough rows
 have finished, the live rows are moved to the front and the next smaller bucket runs, so
 finished rows stop costing compute. On CUDA each bucket's decode step is one CUDA graph
-(`rollout/capture.py`), built from Triton kernels (`quant/kernels`); elsewhere the same code
-runs eagerly on torch reference ops.
+(`rollout/capture.py`), built from Triton kernels (`quant/kernels`); for greedy decoding the
+graph also holds the argmax and the per-token bookkeeping (`rollout/loop.py`), so the host only
+replays it. Elsewhere the same code runs eagerly on torch reference ops.
 
 Layout: `arch.py` (which policies qualify), `weights.py` (packing and sync), `forward.py` (the
 packed forward pass), `tuning.py` (kernel tiles, attention tiles, graph capture) and this file
@@ -165,7 +166,8 @@ class PackedGenerator:
 
     # ---------------------------------------------------------------- CUDA graphs
     def capture(self, buckets: Sequence[int] | None = None) -> None:
-        """Tune and capture the decode graphs of `buckets` (default: all) ahead of time."""
+        """Tune and capture the decode graphs of `buckets` (default: all) ahead of time (the greedy
+        graphs, which add the argmax and bookkeeping, are captured on their first use)."""
         for b in buckets or self.buckets():
             self._graph(b)
 
@@ -291,6 +293,8 @@ class PackedGenerator:
         """The static output rows (reallocated, and greedy graphs dropped, only for more stop ids)."""
         if self.outs is None or self.outs.stop_ids.numel() < stops:
             self.outs = Outputs.empty(self.max_batch_size + 1, self.max_seq_len, self.device, stops=max(8, stops))
+            for key in self.greedy_graphs:  # they read the old buffers
+                self.tuner.graphs.pop(key, None)
             self.greedy_graphs.clear()
         return self.outs
 

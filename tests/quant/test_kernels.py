@@ -277,7 +277,7 @@ def test_generator_fused_prologue_gpu_greedy_equals_cpu_reference():
     torch.testing.assert_close(got.logprobs_t1.cpu(), expected.logprobs_t1, rtol=1e-4, atol=1e-4)
     for i, p in enumerate(prompts):  # bucket 1
         assert torch.equal(gpu.generate([p], max_new_tokens=20, temperature=0, stop_token_ids=()).completion_ids[0].cpu(), expected.completion_ids[i])
-    gpu.tuner.kernels.fused_prologue = False
+    gpu.tuner.kernels.fused_prologue = False  # captured graphs keep the kernels they were built with: drop them
     gpu.greedy_graphs.clear()
     gpu.tuner.graphs.clear()
     unfused = gpu.generate(prompts, max_new_tokens=20, temperature=0, stop_token_ids=())
