@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from bitnet_rl.rollout.arch import Arch
-from bitnet_rl.rollout.layers import decode_attention, linear, norm_quant, prefill_attention, rms_norm
+from bitnet_rl.rollout.layers import decode_attention, fused_prologue_ok, norm_quant_linear, prefill_attention, rms_norm
 from bitnet_rl.rollout.weights import PackedModel
 
 
@@ -30,6 +30,7 @@ class Work:
     attn: torch.Tensor  # (M, H·hd) dtype
     y: torch.Tensor  # (M, D) float32
     gate_up: torch.Tensor  # (M, 2·I) float32
+    hidden2: torch.Tensor  # (M, D) dtype, the other residual buffer of the fused path
 
     @classmethod
     def empty(cls, rows: int, arch: Arch, dtype: torch.dtype, device: torch.device) -> "Work":
@@ -43,10 +44,11 @@ class Work:
             attn=torch.zeros((rows, arch.attn_width), dtype=dtype, device=device),
             y=torch.zeros((rows, arch.hidden), **f32),
             gate_up=torch.zeros((rows, 2 * arch.intermediate), **f32),
+            hidden2=torch.zeros((rows, arch.hidden), dtype=dtype, device=device),
         )
 
     def rows(self, b: int) -> "Work":
-        return Work(*(t[:b] for t in (self.x_int8, self.act_dequant, self.act_sum, self.qkv, self.attn, self.y, self.gate_up)))
+        return Work(*(t[:b] for t in (self.x_int8, self.act_dequant, self.act_sum, self.qkv, self.attn, self.y, self.gate_up, self.hidden2)))
 
 
 @dataclass
@@ -59,7 +61,7 @@ class DecodeState:
     origin: torch.Tensor  # (B_max,) long, its row in the output (B = dummy)
     active: torch.Tensor  # (B_max,) bool
     hidden: torch.Tensor  # (B_max, D) dtype, residual stream
-    logits: torch.Tensor  # (B_max, V) float32
+    logits: torch.Tensor  # (B_max, V) activation dtype (the lm_head's output, as the policy computes it)
 
     @classmethod
     def empty(cls, rows: int, arch: Arch, dtype: torch.dtype, device: torch.device) -> "DecodeState":
@@ -70,7 +72,7 @@ class DecodeState:
             origin=torch.zeros(rows, dtype=torch.long, device=device),
             active=torch.zeros(rows, dtype=torch.bool, device=device),
             hidden=torch.zeros((rows, arch.hidden), dtype=dtype, device=device),
-            logits=torch.zeros((rows, arch.vocab), dtype=torch.float32, device=device),
+            logits=torch.zeros((rows, arch.vocab), dtype=dtype, device=device),
         )
 
 
@@ -81,34 +83,48 @@ def run_layers(model: PackedModel, hidden: torch.Tensor, work: Work, attend: Att
     """All decoder layers over the rows of `hidden` (updated in place to the final residual).
 
     `attend(i, qkv, out)` is layer i's attention; `kernels` (a `KernelTuner`) picks the W2A8 tiles.
+    For M ≤ 4 rows on CUDA each norm + quantization runs inside its matmul (`fused_prologue_ok`);
+    the residual stream then alternates between `hidden` and `work.hidden2` (a fused kernel
+    reads one and writes the other), and ends in `hidden`.
     """
     a, dt = model.arch, model.dtype
-    x_hidden = work.x_int8[:, : a.hidden]
-    x_attn = work.x_int8[:, : a.attn_width]
-    x_inter = work.x_int8[:, : a.intermediate]
-    quant = (work.act_dequant, work.act_sum)
+    fused = fused_prologue_ok(hidden.shape[0], model.layers[0].projections(), kernels)
+    h_in, h_out = hidden, (work.hidden2 if fused else hidden)
+    quant = (work.x_int8, work.act_dequant, work.act_sum)
+    kw = dict(dtype=dt, eps=a.eps, tuner=kernels, fused=fused)
     delta = None
     for i, w in enumerate(model.layers):
-        norm_quant(
-            hidden if delta is None else delta, x_hidden, *quant, dtype=dt,
-            residual=None if delta is None else hidden, norm_weight=w.input_norm, eps=a.eps,
-        )
-        linear(x_hidden, *quant, w.qkv, work.qkv, kernels)
+        if delta is None:
+            norm_quant_linear(hidden, w.qkv, work.qkv, quant, norm_weight=w.input_norm, **kw)
+        else:
+            norm_quant_linear(delta, w.qkv, work.qkv, quant, residual=h_in, residual_out=h_out, norm_weight=w.input_norm, **kw)
+            h_in, h_out = h_out, h_in
         attend(i, work.qkv, work.attn)
-        norm_quant(work.attn, x_attn, *quant, dtype=dt, norm_weight=w.attn_sub_norm, eps=a.eps)
-        linear(x_attn, *quant, w.o, work.y, kernels)
-        norm_quant(work.y, x_hidden, *quant, dtype=dt, residual=hidden, norm_weight=w.post_norm, eps=a.eps)
-        linear(x_hidden, *quant, w.gate_up, work.gate_up, kernels)
-        norm_quant(work.gate_up, x_inter, *quant, dtype=dt, gated=True, act=a.act, norm_weight=w.ffn_sub_norm, eps=a.eps)
-        linear(x_inter, *quant, w.down, work.y, kernels)
+        norm_quant_linear(work.attn, w.o, work.y, quant, norm_weight=w.attn_sub_norm, **kw)
+        norm_quant_linear(work.y, w.gate_up, work.gate_up, quant, residual=h_in, residual_out=h_out, norm_weight=w.post_norm, **kw)
+        h_in, h_out = h_out, h_in
+        norm_quant_linear(work.gate_up, w.down, work.y, quant, gated=True, act=a.act, norm_weight=w.ffn_sub_norm, **kw)
         delta = work.y
-    hidden.add_(delta.to(dt))
+    torch.add(h_in, delta.to(dt), out=hidden)
 
 
 def head(model: PackedModel, hidden: torch.Tensor) -> torch.Tensor:
     """Final norm and lm_head in the activation dtype → float32 logits."""
     x = rms_norm(hidden, model.final_norm, model.arch.eps)
     return F.linear(x, model.lm_head, model.lm_head_bias).float()
+
+
+def head_into(model: PackedModel, hidden: torch.Tensor, out: torch.Tensor) -> None:
+    """`head` without the float32 copy: the activation-dtype logits written into `out (b, V)`.
+
+    The same cuBLAS product as `F.linear` (`mm` / `addmm` with the transposed weight), so the
+    values equal `head`'s before its `.float()`; the sampler upcasts what it needs.
+    """
+    x = rms_norm(hidden, model.final_norm, model.arch.eps)
+    if model.lm_head_bias is None:
+        torch.mm(x, model.lm_head.t(), out=out)
+    else:
+        torch.addmm(model.lm_head_bias, x, model.lm_head.t(), out=out)
 
 
 def attention_kwargs(model: PackedModel) -> dict:
@@ -120,7 +136,7 @@ def decode_step(
     model: PackedModel, state: DecodeState, work: Work, k_cache: torch.Tensor, v_cache: torch.Tensor, b: int,
     *, kernels=None, attention_tile: dict | None = None,
 ) -> None:
-    """One token for rows `0 … b−1` of the decode state → `state.logits[:b]` (graph-safe)."""
+    """One token for rows `0 … b−1` of the decode state → `state.logits[:b]` (activation dtype; graph-safe)."""
     hidden = state.hidden[:b]
     torch.index_select(model.embed, 0, state.tokens[:b], out=hidden)
     slots, positions = state.slots[:b], state.positions[:b]
@@ -130,7 +146,7 @@ def decode_step(
         decode_attention(qkv, k_cache[i], v_cache[i], slots, positions, model.cos, model.sin, out, **kwargs)
 
     run_layers(model, hidden, work.rows(b), attend, kernels)
-    state.logits[:b].copy_(head(model, hidden))
+    head_into(model, hidden, state.logits[:b])
 
 
 def prefill(

@@ -78,6 +78,56 @@ def linear(
     w2a8_matmul(x_int8, act_dequant, act_sum, weight, out=out, tuner=tuner)
 
 
+def fused_prologue_ok(rows: int, weights, tuner=None) -> bool:
+    """Whether `norm_quant_linear` runs as one fused Triton kernel for these rows and weights:
+    CUDA, M ≤ 4, dp4a-shaped weights, and the tuner's choice (`KernelTuner.use_fused`: forced by
+    `fused_prologue`, else only where it timed faster; never without a tuner)."""
+    if tuner is None or not weights or not use_triton(weights[0].packed) or not tuner.use_fused(rows):
+        return False
+    from bitnet_rl.quant.kernels.triton_fused import fused_ok
+
+    return all(fused_ok(rows, w) for w in weights)
+
+
+def norm_quant_linear(
+    inp: torch.Tensor,
+    weight: PackedWeight,
+    out: torch.Tensor,
+    quant: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    *,
+    dtype: torch.dtype,
+    residual: torch.Tensor | None = None,
+    residual_out: torch.Tensor | None = None,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    gated: bool = False,
+    act: str = "relu2",
+    tuner=None,
+    fused: bool = False,
+) -> None:
+    """`norm_quant` then `linear` (`quant` = the int8 scratch `(x_int8, act_dequant, act_sum)`).
+
+    With `residual`, the sum `residual + ·` is written to `residual_out` (which may be `residual`
+    itself, except when `fused`). `fused` (see `fused_prologue_ok`) runs both as one Triton
+    kernel (`quant/kernels/triton_fused.py`) that never writes the int8 scratch.
+    """
+    if fused:
+        from bitnet_rl.quant.kernels import triton_fused
+
+        triton_fused.norm_quant_gemv(
+            inp, weight, out, residual=residual, residual_out=residual_out, norm_weight=norm_weight, eps=eps,
+            gated=gated, act=act, round_bf16=dtype == torch.bfloat16,
+            tile=tuner.fused_tile(inp.shape[0], weight) if tuner is not None else None,
+        )
+        return
+    if residual is not None and residual_out is not None and residual_out is not residual:
+        residual_out.copy_(residual)
+        residual = residual_out
+    x_int8 = quant[0][:, : weight.in_features]
+    norm_quant(inp, x_int8, quant[1], quant[2], dtype=dtype, residual=residual, norm_weight=norm_weight, eps=eps, gated=gated, act=act)
+    linear(x_int8, quant[1], quant[2], weight, out, tuner)
+
+
 def decode_attention(
     qkv: torch.Tensor,
     k_cache: torch.Tensor,

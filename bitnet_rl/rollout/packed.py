@@ -16,8 +16,9 @@ and each decode row carries its own position and cache slot, so a ragged batch p
 same tokens as one prompt at a time. Decode runs in batch buckets (1, 2, 4, …): when enough rows
 have finished, the live rows are moved to the front and the next smaller bucket runs, so
 finished rows stop costing compute. On CUDA each bucket's decode step is one CUDA graph
-(`rollout/capture.py`), built from Triton kernels (`quant/kernels`); elsewhere the same code
-runs eagerly on torch reference ops.
+(`rollout/capture.py`), built from Triton kernels (`quant/kernels`); for greedy decoding the
+graph also holds the argmax and the per-token bookkeeping (`rollout/loop.py`), so the host only
+replays it. Elsewhere the same code runs eagerly on torch reference ops.
 
 Layout: `arch.py` (which policies qualify), `weights.py` (packing and sync), `forward.py` (the
 packed forward pass), `tuning.py` (kernel tiles, attention tiles, graph capture) and this file
@@ -36,6 +37,7 @@ from bitnet_rl.quant.kernels.backend import use_triton
 from bitnet_rl.rollout import forward
 from bitnet_rl.rollout.arch import Arch, inspect_policy
 from bitnet_rl.rollout.forward import DecodeState, Work
+from bitnet_rl.rollout.loop import Outputs, advance
 from bitnet_rl.rollout.output import RolloutOutput, concat_rollouts
 from bitnet_rl.rollout.sampling import checked_request, prompt_lists, sample_tokens
 from bitnet_rl.rollout.tuning import Tuner
@@ -71,6 +73,8 @@ class PackedGenerator:
         self.tuner = Tuner(autotune=autotune and self.use_triton)
         self.prefill_tokens = prefill_tokens
         self.poll_every = 8 if device.type == "cuda" else 1
+        self.outs: Outputs | None = None  # static output rows (`rollout/loop.py`), allocated on first use
+        self.greedy_graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
 
     # ---------------------------------------------------------------- building and syncing
     @classmethod
@@ -162,12 +166,13 @@ class PackedGenerator:
 
     # ---------------------------------------------------------------- CUDA graphs
     def capture(self, buckets: Sequence[int] | None = None) -> None:
-        """Tune and capture the decode graphs of `buckets` (default: all) ahead of time."""
+        """Tune and capture the decode graphs of `buckets` (default: all) ahead of time (the greedy
+        graphs, which add the argmax and bookkeeping, are captured on their first use)."""
         for b in buckets or self.buckets():
             self._graph(b)
 
     def _graph(self, b: int) -> torch.cuda.CUDAGraph:
-        return self.tuner.graph(b, self.model, self.max_seq_len, lambda: self._decode_step(b))
+        return self.tuner.graph(b, b, self.model, self.max_seq_len, lambda: self._decode_step(b))
 
     def _step(self, b: int) -> None:
         if self.cuda_graphs:
@@ -238,24 +243,13 @@ class PackedGenerator:
         batch = len(prompts)
         ids = self._padded(prompts)
         lengths_in = torch.tensor([len(p) for p in prompts], device=dev)
-        tokens, logprobs, logprobs_t1 = sample_tokens(self._prefill(ids, last=lengths_in - 1), **sampling)
-
-        # Output rows 0 … B−1, plus a dummy row B that absorbs writes of padding rows.
-        out_ids = torch.full((batch + 1, max_new_tokens), pad, dtype=torch.long, device=dev)
-        out_lp = torch.zeros((batch + 1, max_new_tokens), dtype=torch.float32, device=dev)
-        out_lp1 = torch.zeros_like(out_lp)
-        lengths = torch.zeros(batch + 1, dtype=torch.long, device=dev)
-        stopped = torch.zeros(batch + 1, dtype=torch.bool, device=dev)
-        out_ids[:batch, 0] = tokens
-        if logprobs is not None:
-            out_lp[:batch, 0], out_lp1[:batch, 0] = logprobs, logprobs_t1
-        lengths[:batch] = 1
-        hit = torch.isin(tokens, stop_ids)
-        stopped[:batch] = hit
+        first = sample_tokens(self._prefill(ids, last=lengths_in - 1), **sampling)
+        outs = self._outputs(stop_ids.numel())
+        hit = outs.start(batch, pad, stop_ids, first)
 
         s, b = self.state, self._bucket(batch)
         s.tokens[:b].fill_(pad)
-        s.tokens[:batch] = tokens
+        s.tokens[:batch] = first[0]
         s.positions[:b].zero_()
         s.positions[:batch] = lengths_in.to(torch.int32)
         s.slots[:b] = torch.arange(b, dtype=torch.int32, device=dev)
@@ -264,6 +258,8 @@ class PackedGenerator:
         s.active[:b].zero_()
         s.active[:batch] = ~hit
 
+        # Greedy on CUDA graphs: argmax and bookkeeping are captured with the decode step.
+        in_graph = self.cuda_graphs and sampling["temperature"] == 0
         count = _ActiveCount(dev)
         for t in range(1, max_new_tokens):
             if (t - 1) % self.poll_every == 0:
@@ -274,32 +270,56 @@ class PackedGenerator:
                     self._compact(b)
                     b = self._bucket(n)
                 count.start(s.active[:b])
+            if in_graph:
+                self._greedy_graph(b, sampling["with_logprobs"]).replay()
+                continue
             self._step(b)
-            tokens, logprobs, logprobs_t1 = sample_tokens(s.logits[:b], **sampling)
-            active, origin = s.active[:b], s.origin[:b]
-            out_ids[origin, t] = torch.where(active, tokens, pad)
-            if logprobs is not None:
-                out_lp[origin, t] = torch.where(active, logprobs, 0.0)
-                out_lp1[origin, t] = torch.where(active, logprobs_t1, 0.0)
-            lengths.index_add_(0, origin, active.long())
-            hit = active & torch.isin(tokens, stop_ids)
-            stopped[origin] = stopped[origin] | hit
-            s.positions[:b] += active.to(torch.int32)
-            s.tokens[:b] = tokens
-            s.active[:b] = active & ~hit
+            advance(s, outs, b, sample_tokens(s.logits[:b], **sampling), pad)
 
-        lengths, stopped = lengths[:batch], stopped[:batch]
+        lengths, stopped = outs.lengths[:batch].clone(), outs.stopped[:batch]
         width = int(lengths.max())
         return RolloutOutput(
             prompt_ids=ids,
             prompt_lengths=lengths_in,
-            completion_ids=out_ids[:batch, :width],
-            logprobs=out_lp[:batch, :width],
-            logprobs_t1=out_lp1[:batch, :width],
+            completion_ids=outs.ids[:batch, :width].clone(),
+            logprobs=outs.logprobs[:batch, :width].clone(),
+            logprobs_t1=outs.logprobs_t1[:batch, :width].clone(),
             lengths=lengths,
             finish_reasons=["stop" if x else "length" for x in stopped.tolist()],
             pad_token_id=pad,
         )
+
+    def _outputs(self, stops: int) -> Outputs:
+        """The static output rows (reallocated, and greedy graphs dropped, only for more stop ids)."""
+        if self.outs is None or self.outs.stop_ids.numel() < stops:
+            self.outs = Outputs.empty(self.max_batch_size + 1, self.max_seq_len, self.device, stops=max(8, stops))
+            for key in self.greedy_graphs:  # they read the old buffers
+                self.tuner.graphs.pop(key, None)
+            self.greedy_graphs.clear()
+        return self.outs
+
+    def _greedy_graph(self, b: int, with_logprobs: bool) -> torch.cuda.CUDAGraph:
+        """Decode step + argmax + `advance` of bucket `b` as one CUDA graph (captured on first use).
+
+        Warm-up runs of the step move the state on, so the state and outputs are saved before
+        capturing and put back after (the k/v written meanwhile lie beyond every row's position,
+        where the real steps overwrite them before any row reads them)."""
+        key = (b, with_logprobs)
+        graph = self.greedy_graphs.get(key)
+        if graph is None:
+            s, outs, pad = self.state, self.outs, self.arch.pad_token_id
+
+            def step() -> None:
+                self._decode_step(b)
+                advance(s, outs, b, sample_tokens(s.logits[:b], 0.0, with_logprobs=with_logprobs), pad)
+
+            kept = (s.tokens, s.positions, s.active, outs.ids, outs.logprobs, outs.logprobs_t1, outs.lengths, outs.stopped, outs.step)
+            saved = [t.clone() for t in kept]
+            graph = self.tuner.graph(key, b, self.model, self.max_seq_len, step)
+            for t, v in zip(kept, saved):
+                t.copy_(v)
+            self.greedy_graphs[key] = graph
+        return graph
 
     def _compact(self, b: int) -> None:
         """Move the live rows of bucket `b` to the front (their slots move with them)."""

@@ -56,7 +56,7 @@ def sample_tokens(
     generator: torch.Generator | None = None,
     with_logprobs: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Draw one token per row of float32 `logits (B, V)`.
+    """Draw one token per row of `logits (B, V)` (float32, or bf16 upcast exactly to float32 first).
 
     Returns `(tokens (B,), logprobs (B,), logprobs_t1 (B,))`: log-probabilities of the drawn
     tokens under the sampling distribution and under the plain softmax of `logits`
@@ -65,11 +65,12 @@ def sample_tokens(
     U ~ Uniform(0, 1), which draws from `p` exactly; with a seeded `generator` it is reproducible.
     """
     if temperature == 0:
-        tokens = logits.argmax(-1)
+        tokens = logits.argmax(-1)  # the same index on bf16 logits as on their exact float32 copy
         if not with_logprobs:
             return tokens, None, None
-        logprobs_t1 = logits.log_softmax(-1).gather(-1, tokens[:, None]).squeeze(-1)
+        logprobs_t1 = logits.log_softmax(-1, dtype=torch.float32).gather(-1, tokens[:, None]).squeeze(-1)
         return tokens, torch.zeros_like(logprobs_t1), logprobs_t1
+    logits = logits.float()
     filtered = filter_logits(logits, temperature, top_k, top_p)
     logp = filtered.log_softmax(-1)
     uniform = torch.rand(logp.shape, generator=generator, device=logp.device).clamp_(min=torch.finfo(torch.float32).tiny)

@@ -25,7 +25,7 @@ class Tuner:
         self.autotune = autotune
         self.kernels = KernelTuner(autotune=autotune)
         self.attention_tiles: dict[int, dict] = {}  # bucket → Triton attention tile
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.graphs: dict = {}  # key (bucket, or the generator's (bucket, variant)) → captured graph
         self._pool = None
 
     def prepare(self, model, rows: int) -> None:
@@ -61,9 +61,9 @@ class Tuner:
         self.attention_tiles[b] = results[0][1] if results else {}
         return results
 
-    def graph(self, b: int, model, max_seq_len: int, step: Callable[[], None]) -> torch.cuda.CUDAGraph:
-        """The decode graph of bucket `b`: tuned (tiles, attention) and captured on first use."""
-        graph = self.graphs.get(b)
+    def graph(self, key, b: int, model, max_seq_len: int, step: Callable[[], None]) -> torch.cuda.CUDAGraph:
+        """The graph `key` of a decode step for bucket `b`: tuned (tiles, attention) and captured on first use."""
+        graph = self.graphs.get(key)
         if graph is None:
             self.prepare(model, b)
             if self.autotune and b not in self.attention_tiles:
@@ -71,5 +71,5 @@ class Tuner:
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
             graph = capture_graph(step, pool=self._pool)
-            self.graphs[b] = graph
+            self.graphs[key] = graph
         return graph

@@ -191,3 +191,94 @@ def test_generator_token_logprobs_gpu_equal_cpu_reference():
     cpu = PackedGenerator.from_model(model, max_batch_size=4, max_seq_len=64)
     gpu = PackedGenerator.from_model(model, max_batch_size=4, max_seq_len=64, device="cuda", dtype=torch.float32)
     torch.testing.assert_close(gpu.token_logprobs(ids).cpu(), cpu.token_logprobs(ids), rtol=1e-4, atol=1e-4)
+
+
+def test_generator_greedy_in_graph_equals_eager_with_stops():
+    """Greedy decoding captured with its argmax and bookkeeping (`rollout/loop.py`) equals the
+    eager loop, also when rows stop at different steps and the batch compacts into smaller buckets."""
+    from bitnet_rl.rollout import PackedGenerator
+
+    model = tiny_bitnet().cuda()
+    prompts = [[5, 6, 7, 8, 9], [10, 11, 12], [40], [3, 4], [7, 7, 7], [9]]
+    kw = dict(max_batch_size=8, max_seq_len=64, dtype=torch.float32, autotune=False)
+    graphs = PackedGenerator.from_model(model, **kw)
+    eager = PackedGenerator.from_model(model, cuda_graphs=False, **kw)
+    free = eager.generate(prompts, max_new_tokens=30, temperature=0, stop_token_ids=())
+    stops = sorted({int(t) for t in free.completion_ids[:, 3:12].flatten()})[:3]  # tokens that end rows mid-way
+    for stop in (stops, (), stops):  # the second greedy call with stops replays the graphs captured by the first
+        a = graphs.generate(prompts, max_new_tokens=30, temperature=0, stop_token_ids=stop)
+        b = eager.generate(prompts, max_new_tokens=30, temperature=0, stop_token_ids=stop)
+        assert torch.equal(a.completion_ids, b.completion_ids) and torch.equal(a.lengths, b.lengths)
+        assert a.finish_reasons == b.finish_reasons
+        # bucket 8 runs split-K tiles whose float32 atomics add in any order: logprobs to 1e-5
+        torch.testing.assert_close(a.logprobs_t1, b.logprobs_t1, rtol=1e-5, atol=1e-5)
+        if stop:
+            assert "stop" in a.finish_reasons and len(set(a.lengths.tolist())) > 1  # rows did end at different steps
+
+
+@pytest.mark.parametrize("k,n,mode", [(2560, 3840, "residual"), (2560, 2560, "plain"), (6912, 2560, "gated"), (384, 130, "residual"), (256, 40, "gated")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_norm_quant_gemv_matches_unfused(k, n, mode, dtype):
+    """The decode kernel with norm + quantization in its prologue (`triton_fused`) against
+    `norm_quant` + the W2A8 GEMV (Triton) and the torch reference. The only freedom is the order
+    of Σ a² (one rounding of 1/rms), which may move an activation code by one: outputs agree to
+    two codes' worth (2 · x_dq · max w_dq); the new residual is elementwise, hence exact."""
+    from bitnet_rl.quant.kernels import triton_fused, triton_w2a8
+    from bitnet_rl.rollout import layers
+
+    pw = packed(n, k, "per_channel", bias=mode == "plain")
+    g = torch.Generator(device="cuda").manual_seed(k + n)
+    for m in (1, 2, 4):
+        inp = torch.randn(m, 2 * k if mode == "gated" else k, device="cuda", generator=g) * 2
+        res = torch.randn(m, k, device="cuda", generator=g).to(dtype) if mode == "residual" else None
+        norm = (torch.rand(k, device="cuda", generator=g) + 0.5).to(dtype)
+        kw = dict(norm_weight=norm, eps=1e-6, gated=mode == "gated")
+        out = torch.empty(m, n, device="cuda")
+        res_out = torch.zeros_like(res) if res is not None else None
+        triton_fused.norm_quant_gemv(inp, pw, out, residual=res, residual_out=res_out, round_bf16=dtype == torch.bfloat16, **kw)
+        for use_triton in (True, False):
+            q = torch.empty(m, k, dtype=torch.int8, device="cuda")
+            dq, s = torch.empty(m, device="cuda"), torch.empty(m, dtype=torch.int32, device="cuda")
+            r = res.clone() if res is not None else None
+            layers.norm_quant(inp, q, dq, s, dtype=dtype, residual=r, triton=use_triton, **kw)
+            expected = triton_w2a8.w2a8_matmul(q, dq, s, pw) if use_triton else w2a8_matmul_ref(q, dq, pw)
+            codes = 2 if use_triton else 3
+            atol = codes * float(dq.max()) * float(pw.dequant.abs().max()) * 1.001
+            torch.testing.assert_close(out, expected, rtol=1e-5, atol=atol)
+            if res is not None:
+                assert torch.equal(res_out, r)
+
+
+def test_generator_fused_prologue_gpu_greedy_equals_cpu_reference():
+    """Widths that are multiples of 128 take the fused decode kernels at buckets 1, 2, 4 on CUDA;
+    greedy tokens equal the CPU torch reference (float32), through graphs, and with the fusion off."""
+    import transformers
+
+    from bitnet_rl.models.convert import to_bitlinear
+    from bitnet_rl.rollout import PackedGenerator
+    from bitnet_rl.rollout.layers import fused_prologue_ok
+
+    torch.manual_seed(1)
+    config = transformers.BitNetConfig(
+        vocab_size=96, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    model = transformers.BitNetForCausalLM(config)
+    to_bitlinear(model)
+    model.eval()
+    prompts = [[5, 6, 7, 8, 9], [10, 11, 12], [40, 41]]
+    cpu = PackedGenerator.from_model(model, max_batch_size=4, max_seq_len=64)
+    gpu = PackedGenerator.from_model(model, max_batch_size=4, max_seq_len=64, device="cuda", dtype=torch.float32)
+    gpu.tuner.kernels.fused_prologue = True  # forced on (by default the tuner keeps it only where it times faster)
+    assert fused_prologue_ok(4, gpu.model.layers[0].projections(), gpu.tuner.kernels)
+    expected = cpu.generate(prompts, max_new_tokens=20, temperature=0, stop_token_ids=())
+    got = gpu.generate(prompts, max_new_tokens=20, temperature=0, stop_token_ids=())
+    assert torch.equal(got.completion_ids.cpu(), expected.completion_ids)
+    torch.testing.assert_close(got.logprobs_t1.cpu(), expected.logprobs_t1, rtol=1e-4, atol=1e-4)
+    for i, p in enumerate(prompts):  # bucket 1
+        assert torch.equal(gpu.generate([p], max_new_tokens=20, temperature=0, stop_token_ids=()).completion_ids[0].cpu(), expected.completion_ids[i])
+    gpu.tuner.kernels.fused_prologue = False  # captured graphs keep the kernels they were built with: drop them
+    gpu.greedy_graphs.clear()
+    gpu.tuner.graphs.clear()
+    unfused = gpu.generate(prompts, max_new_tokens=20, temperature=0, stop_token_ids=())
+    assert torch.equal(unfused.completion_ids.cpu(), expected.completion_ids)
