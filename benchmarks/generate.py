@@ -85,15 +85,9 @@ def bench_ours(model, args, device, batches) -> tuple[dict, dict]:
     build_s, gen = timed(
         lambda: PackedGenerator.from_model(model, max_batch_size=max(batches), max_seq_len=args.prompt + args.new_tokens), device
     )
-    if args.fused is not None:  # force the fused M ≤ 4 decode kernel on/off (default: the tuner times both)
-        gen.tuner.kernels.fused_prologue = args.fused == "on"
     sync_times = [timed(lambda: gen.sync_from(model), device)[0] for _ in range(3)]
     capture_s, _ = timed(gen.capture, device) if gen.cuda_graphs else (0.0, None)
     info = dict(build_s=build_s, sync_ms=1e3 * statistics.median(sync_times), capture_s=capture_s, **gen.weight_bytes())
-    report = getattr(gen.tuner.kernels, "fused_report", None)
-    if report:  # µs per launch, fused kernel vs norm_quant + GEMV, per projection (row class 4 = M ≤ 4)
-        print(f"fused vs unfused (µs): {report}, fused used: {gen.tuner.kernels.fused_wins}", flush=True)
-        info["fused_report"] = {str(k): v for k, v in report.items()}
     print(f"ours: build {build_s:.1f} s, sync_from {info['sync_ms']:.1f} ms, tune + capture {capture_s:.1f} s", flush=True)
     rows, tokens = {}, {}
     for b in batches:
@@ -289,7 +283,6 @@ def main() -> None:
     parser.add_argument("--no-breakdown", action="store_true")
     parser.add_argument("--tiny", action="store_true", help="small model on CPU (smoke test)")
     parser.add_argument("--json", default=None)
-    parser.add_argument("--fused", choices=["on", "off"], default=None, help="force the fused norm + quant + GEMV kernel for M ≤ 4")
     parser.add_argument("--tokens", default=None, help="save ours' greedy completions {batch: ids} to this .pt file")
     args = parser.parse_args()
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from bitnet_rl.rollout.arch import Arch
-from bitnet_rl.rollout.layers import decode_attention, fused_prologue_ok, norm_quant_linear, prefill_attention, rms_norm
+from bitnet_rl.rollout.layers import decode_attention, norm_quant_linear, prefill_attention, rms_norm
 from bitnet_rl.rollout.weights import PackedModel
 
 
@@ -30,7 +30,6 @@ class Work:
     attn: torch.Tensor  # (M, H·hd) dtype
     y: torch.Tensor  # (M, D) float32
     gate_up: torch.Tensor  # (M, 2·I) float32
-    hidden2: torch.Tensor  # (M, D) dtype, the other residual buffer of the fused path
 
     @classmethod
     def empty(cls, rows: int, arch: Arch, dtype: torch.dtype, device: torch.device) -> "Work":
@@ -44,11 +43,10 @@ class Work:
             attn=torch.zeros((rows, arch.attn_width), dtype=dtype, device=device),
             y=torch.zeros((rows, arch.hidden), **f32),
             gate_up=torch.zeros((rows, 2 * arch.intermediate), **f32),
-            hidden2=torch.zeros((rows, arch.hidden), dtype=dtype, device=device),
         )
 
     def rows(self, b: int) -> "Work":
-        return Work(*(t[:b] for t in (self.x_int8, self.act_dequant, self.act_sum, self.qkv, self.attn, self.y, self.gate_up, self.hidden2)))
+        return Work(*(t[:b] for t in (self.x_int8, self.act_dequant, self.act_sum, self.qkv, self.attn, self.y, self.gate_up)))
 
 
 @dataclass
@@ -83,29 +81,21 @@ def run_layers(model: PackedModel, hidden: torch.Tensor, work: Work, attend: Att
     """All decoder layers over the rows of `hidden` (updated in place to the final residual).
 
     `attend(i, qkv, out)` is layer i's attention; `kernels` (a `KernelTuner`) picks the W2A8 tiles.
-    For M ≤ 4 rows on CUDA each norm + quantization runs inside its matmul (`fused_prologue_ok`);
-    the residual stream then alternates between `hidden` and `work.hidden2` (a fused kernel
-    reads one and writes the other), and ends in `hidden`.
+    Each projection is `norm_quant_linear`: the norm + int8 quantization kernel, then the GEMM.
     """
     a, dt = model.arch, model.dtype
-    fused = fused_prologue_ok(hidden.shape[0], model.layers[0].projections(), kernels)
-    h_in, h_out = hidden, (work.hidden2 if fused else hidden)
     quant = (work.x_int8, work.act_dequant, work.act_sum)
-    kw = dict(dtype=dt, eps=a.eps, tuner=kernels, fused=fused)
+    kw = dict(dtype=dt, eps=a.eps, tuner=kernels)
     delta = None
     for i, w in enumerate(model.layers):
-        if delta is None:
-            norm_quant_linear(hidden, w.qkv, work.qkv, quant, norm_weight=w.input_norm, **kw)
-        else:
-            norm_quant_linear(delta, w.qkv, work.qkv, quant, residual=h_in, residual_out=h_out, norm_weight=w.input_norm, **kw)
-            h_in, h_out = h_out, h_in
+        first = delta is None
+        norm_quant_linear(hidden if first else delta, w.qkv, work.qkv, quant, residual=None if first else hidden, norm_weight=w.input_norm, **kw)
         attend(i, work.qkv, work.attn)
         norm_quant_linear(work.attn, w.o, work.y, quant, norm_weight=w.attn_sub_norm, **kw)
-        norm_quant_linear(work.y, w.gate_up, work.gate_up, quant, residual=h_in, residual_out=h_out, norm_weight=w.post_norm, **kw)
-        h_in, h_out = h_out, h_in
+        norm_quant_linear(work.y, w.gate_up, work.gate_up, quant, residual=hidden, norm_weight=w.post_norm, **kw)
         norm_quant_linear(work.gate_up, w.down, work.y, quant, gated=True, act=a.act, norm_weight=w.ffn_sub_norm, **kw)
         delta = work.y
-    torch.add(h_in, delta.to(dt), out=hidden)
+    hidden.add_(delta.to(dt))
 
 
 def head(model: PackedModel, hidden: torch.Tensor) -> torch.Tensor:

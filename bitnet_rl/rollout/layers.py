@@ -78,17 +78,16 @@ def linear(
     w2a8_matmul(x_int8, act_dequant, act_sum, weight, out=out, tuner=tuner)
 
 
-def fused_prologue_ok(rows: int, weights, tuner=None) -> bool:
-    """Whether `norm_quant_linear` runs as one fused Triton kernel for these rows and weights:
-    CUDA, M ≤ 4, dp4a-shaped weights, and the tuner's choice (`KernelTuner.use_fused`: forced by
-    `fused_prologue`, else only where it timed faster; never without a tuner)."""
-    if tuner is None or not weights or not use_triton(weights[0].packed) or not tuner.use_fused(rows):
-        return False
-    from bitnet_rl.quant.kernels.triton_fused import fused_ok
-
-    return all(fused_ok(rows, w) for w in weights)
-
-
+# Not fused on purpose. A single Triton kernel doing RMSNorm + int8 quantization in the
+# prologue of the dp4a GEMV (M ≤ 4; every program recomputed the row's Σ a² and absmax itself,
+# the residual stream ping-ponging between two buffers) was built and measured on an H200 (2B4T
+# shapes, M = 1, µs per launch inside a CUDA graph, fused vs norm_quant + tuned GEMV): q|k|v
+# 7.34 vs 7.18, o 6.78 vs 6.60, gate|up 17.72 vs 10.61, down 11.91 vs 9.57; forced on, batch-1
+# decode went from 1.690 to 1.972 ms per token, and the per-layer timing never picked it there.
+# Forced on, greedy tokens on the GPU also differed from the CPU torch reference (its GPU test
+# failed), so a GPU where it timed faster would have lost exact greedy decoding. It was removed
+# (its code: commits 8a0b5e9 and 0d5a5f9 of branch issue-13d); re-adding it needs a kernel that
+# is faster per layer AND a GPU test that greedy tokens equal the CPU reference.
 def norm_quant_linear(
     inp: torch.Tensor,
     weight: PackedWeight,
@@ -97,32 +96,15 @@ def norm_quant_linear(
     *,
     dtype: torch.dtype,
     residual: torch.Tensor | None = None,
-    residual_out: torch.Tensor | None = None,
     norm_weight: torch.Tensor | None = None,
     eps: float = 1e-6,
     gated: bool = False,
     act: str = "relu2",
     tuner=None,
-    fused: bool = False,
 ) -> None:
-    """`norm_quant` then `linear` (`quant` = the int8 scratch `(x_int8, act_dequant, act_sum)`).
-
-    With `residual`, the sum `residual + ·` is written to `residual_out` (which may be `residual`
-    itself, except when `fused`). `fused` (see `fused_prologue_ok`) runs both as one Triton
-    kernel (`quant/kernels/triton_fused.py`) that never writes the int8 scratch.
-    """
-    if fused:
-        from bitnet_rl.quant.kernels import triton_fused
-
-        triton_fused.norm_quant_gemv(
-            inp, weight, out, residual=residual, residual_out=residual_out, norm_weight=norm_weight, eps=eps,
-            gated=gated, act=act, round_bf16=dtype == torch.bfloat16,
-            tile=tuner.fused_tile(inp.shape[0], weight) if tuner is not None else None,
-        )
-        return
-    if residual is not None and residual_out is not None and residual_out is not residual:
-        residual_out.copy_(residual)
-        residual = residual_out
+    """`norm_quant` then `linear`: two launches (`quant` = the int8 scratch `(x_int8, act_dequant,
+    act_sum)`, of which the first `weight.in_features` columns are used). With `residual`, the sum
+    `residual + ·` is written back into it, as in `norm_quant`."""
     x_int8 = quant[0][:, : weight.in_features]
     norm_quant(inp, x_int8, quant[1], quant[2], dtype=dtype, residual=residual, norm_weight=norm_weight, eps=eps, gated=gated, act=act)
     linear(x_int8, quant[1], quant[2], weight, out, tuner)

@@ -19,13 +19,7 @@ import torch
 class KernelTuner:
     autotune: bool = True
     use_asm: bool = True
-    # decode M ≤ 4: norm + quantization inside the GEMV (`triton_fused.py`): None = where timed faster
-    fused_prologue: bool | None = None
     configs: dict = field(default_factory=dict)  # (m_class, N, KB, group) → triton_w2a8.Config
-    times: dict = field(default_factory=dict)  # same key → µs of the chosen config
-    fused_tiles: dict = field(default_factory=dict)  # (m_class, N, KB) → (BLOCK_N, BLOCK_KW, num_warps) of triton_fused
-    fused_wins: dict = field(default_factory=dict)  # m_class → fused faster than norm_quant + GEMV over a layer
-    fused_report: dict = field(default_factory=dict)  # m_class → {projection N×K: (fused µs, unfused µs)}
 
     @staticmethod
     def key(m: int, n: int, kb: int, group: bool) -> tuple[int, int, int, bool]:
@@ -48,29 +42,12 @@ class KernelTuner:
         return results
 
     def ensure(self, weights, m: int) -> None:
-        """Tune each of `weights` at `m` rows once (no-op when autotune is off or already tuned);
-        for M ≤ 4 also time the fused norm + quant + GEMV kernel against the unfused pair."""
+        """Tune each of `weights` at `m` rows once (no-op when autotune is off or already tuned)."""
         if not self.autotune:
             return
         for w in weights:
-            key = self.key(m, *w.packed.shape, bool(w.group_size))
-            if key not in self.configs:
-                results = self.tune(w, m)
-                self.times[key] = results[0][0] if results else float("inf")
-        if self.fused_prologue is not False and self.key(m, 0, 0, False)[0] not in self.fused_wins:
-            from bitnet_rl.quant.kernels.fused_tuning import decide
-
-            decide(self, weights, m)
-
-    def fused_tile(self, m: int, weight) -> tuple[int, int, int] | None:
-        """The fused kernel's tuned tile for this shape, or None (its heuristic)."""
-        return self.fused_tiles.get(self.key(m, *weight.packed.shape, False)[:3])
-
-    def use_fused(self, m: int) -> bool:
-        """Whether decode rows `m` run the fused kernel: forced by `fused_prologue`, else where it timed faster."""
-        if self.fused_prologue is not None:
-            return self.fused_prologue
-        return bool(self.fused_wins) and self.fused_wins.get(self.key(m, 0, 0, False)[0], False)
+            if self.key(m, *w.packed.shape, bool(w.group_size)) not in self.configs:
+                self.tune(w, m)
 
 
 def time_graph(fn, replays: int = 10) -> float:
