@@ -57,6 +57,6 @@ def test_quickstart_end_to_end(tmp_path):
     assert rows["sft"]["accuracy"] > rows["init"]["accuracy"] + 30
     assert rows["dpo"]["accuracy"] > rows["sft"]["accuracy"] + 5
     assert rows["grpo-python"]["sampled_reward"] > rows["sft"]["sampled_reward"] + 0.08
-    assert rows["grpo-python"]["accuracy"] > rows["sft"]["accuracy"] + 10  # 55.5 % -> 74.6 % (69.1-77.3 % over runs and seeds)
+    assert rows["grpo-python"]["accuracy"] > rows["sft"]["accuracy"] + 25  # 55.5 % -> 86.7 % (85.2-94.5 % over GRPO seeds 0-3)
     assert rows["ppo-rm"]["accuracy"] >= rows["sft"]["accuracy"] - 3  # the learned RM is no longer gamed
     assert "## Summary" in (out / "eval" / "report.md").read_text()
