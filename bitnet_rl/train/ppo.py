@@ -211,7 +211,7 @@ class PPOTrainer:
             result = sample_round(self.generator, self.tokenizer, self.reward, prompts, prompt_ids, cfg, self.recipe.rollout, seed, device)
             if cfg.skip_dropped_prompts > 0:  # every rank learns every group's outcome, so the skippers stay equal
                 dropped = filtered_groups(result.scores, result.raw, cfg.samples_per_prompt, cfg.dynamic_sampling_max_mean)
-                self.skipper.record(everyone_picked, rank_major_to_pick_order(gather_rows(acc, dropped.to(device))[0], acc.num_processes))
+                self.skipper.record(everyone_picked, rank_major_to_pick_order(gather_rows(acc, dropped.to(device=device, dtype=torch.long))[0], acc.num_processes))
             return result
 
         # as many rounds on every rank; a reward error anywhere raises on every rank, so all of them save and stop together

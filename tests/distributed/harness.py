@@ -44,5 +44,8 @@ def rl_recipe(advantage: str, model: Path, out: Path, processes: int):
         "scheduler.warmup_steps=0", "optimizer.lr=0.001", "checkpoint.every=0",
         # pinned, whatever the shipped recipe says: one round per iteration (refill rounds draw other prompts
         # per rank than one process would) and the partial-credit reward (a tiny policy's exact matches barely move)
+        # (and with it no group ceiling or prompt skipping), the policy's own old-log-prob pass with the default
+        # correction (the shipped CPU recipe takes π_old from the rollout; the pass is what DDP must get right)
         "ppo.dynamic_sampling=false", 'ppo.rewards=[{"source": "reward_models.demo_task:reward"}]',
+        "ppo.dynamic_sampling_max_mean=null", "ppo.skip_dropped_prompts=0", "ppo.old_logprobs=policy", "ppo.rollout_correction=token_tis",
     ], stage="ppo")  # fmt: skip

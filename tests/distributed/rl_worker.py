@@ -15,10 +15,20 @@ import row_seeded  # noqa: E402
 import bitnet_rl.train.ppo as ppo  # noqa: E402
 from bitnet_rl.recipe import Recipe  # noqa: E402
 from bitnet_rl.rewards import RewardError  # noqa: E402
+from bitnet_rl.train.prompt_skip import PromptSkipper  # noqa: E402
 
 make_generator = ppo.make_generator
+record = PromptSkipper.record
 for spec in sys.argv[1:]:
     recipe = Recipe.model_validate(json.loads(Path(spec).read_text()))
+    flags = Path(recipe.out) / f"skip-flags-{os.environ['RANK']}.jsonl"  # each rank's prompt-skip updates, compared by the test
+
+    def logged(self, picked, dropped, flags=flags):
+        record(self, picked, dropped)
+        with flags.open("a") as f:
+            f.write(json.dumps([picked, dropped.int().tolist()]) + "\n")
+
+    PromptSkipper.record = logged
     ppo.make_generator = make_generator
     row_seeded.patch(recipe.ppo.samples_per_prompt)
     try:

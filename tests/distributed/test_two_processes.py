@@ -141,6 +141,12 @@ def rl_runs(tmp_path_factory, rl_policy):
     failing.ppo.rewards = [RewardSpec(source=f"python:{Path(__file__).parent / 'rank_one_reward.py'}:reward")]
     (root / "reward-error.json").write_text(failing.model_dump_json())
     specs.append(str(root / "reward-error.json"))
+    skipping = rl_recipe("grpo", sft / "final", root / "skip", 2)  # dynamic sampling with the ceiling and prompt skipping
+    skipping.ppo.dynamic_sampling, skipping.ppo.dynamic_sampling_max_mean, skipping.ppo.skip_dropped_prompts = True, 0.5, 0.8
+    skipping.ppo.num_prompts, skipping.ppo.iterations = 8, 4  # few prompts: they come back, flagged or not
+    skipping.ppo.rewards = [RewardSpec(source="reward_models.demo_task:exact_match")]  # all-wrong groups tie and are dropped
+    (root / "skip.json").write_text(skipping.model_dump_json())
+    specs.append(str(root / "skip.json"))
     launch("rl_worker.py", *specs)
     make_generator = ppo.make_generator
     try:
@@ -173,3 +179,16 @@ def test_reward_error_in_one_process_stops_both_after_one_checkpoint(rl_runs):
     assert "failed in another process" in (out / "stopped-0").read_text()
     saved = list((out / "checkpoints").glob("*before-reward-error"))
     assert len(saved) == 1 and (saved[0] / "trainer_state" / "state.json").is_file()
+
+
+def test_prompt_skipping_keeps_every_rank_on_the_same_flags(rl_runs):
+    """Each rank records every rank's group outcomes (gathered), so their skip flags, skip decisions
+    and prompt samplers stay equal: the logged updates of rank 0 and rank 1 are identical."""
+    out = rl_runs / "skip"
+    ranks = [(out / f"skip-flags-{r}.jsonl").read_text().splitlines() for r in (0, 1)]
+    assert ranks[0] == ranks[1] and len(ranks[0]) >= 4  # one update per round, at least one round per iteration
+    updates = [json.loads(line) for line in ranks[0]]
+    assert all(len(picked) == len(dropped) == 2 * 2 for picked, dropped in updates)  # 2 prompts per rank, 2 ranks
+    assert any(any(dropped) for _, dropped in updates)
+    rows = _metrics(out)
+    assert len(rows) == 4 and sum(r["dynamic/skipped_prompts"] for r in rows) > 0
