@@ -112,7 +112,7 @@ def test_grpo_raises_heldout_reward_on_a_second_task(tmp_path):
     before = heldout_reward(sft, paths)
     after = heldout_reward(run_grpo_stage(tmp_path, paths, sft, seed=0), paths)
     assert 0.2 < before < 0.9, before  # the SFT checkpoint leaves room
-    assert after > before + 0.12, (before, after)  # measured: +0.222 ± 0.012 over 3 seeds (README "RL")
+    assert after > before + 0.12, (before, after)  # measured: +0.245 ± 0.003 over 3 seeds (README "RL")
 
 
 def main(root: str = "runs/reverse-task", seeds: tuple[int, ...] = (0, 1, 2)) -> None:
