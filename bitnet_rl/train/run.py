@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from bitnet_rl.distributed.collective import main_then_wait
+from bitnet_rl.distributed.collective import all_reduce_max, main_then_wait
 from bitnet_rl.distributed.fsdp import check_uniform_dtypes, full_model_state, full_optimizer_state, gathered_params, load_optimizer_state
 from bitnet_rl.lora.apply import finish_lora
 from bitnet_rl.models.convert import enable_checkpointing
@@ -205,7 +205,7 @@ class Run:
             self.set_lambda()  # what the stage does before its first optimizer step sees that step's λ
             record = stage.step(self)
             self.iteration += 1
-            record = {"step": self.iteration, **record, **self._health(steps_before)}
+            record = {"step": self.iteration, **record, **self._health(steps_before), **self._memory()}
             last = self.iteration == stage.total
             if stage.evaluate is not None and ((stage.eval_every and self.iteration % stage.eval_every == 0) or last):
                 record.update(self._evaluate(stage.evaluate))
@@ -229,6 +229,13 @@ class Run:
         metrics = evaluate(self.unwrapped)
         self.model.train()
         return metrics
+
+    def _memory(self) -> dict[str, float]:
+        """`memory/peak_gib`: the largest CUDA memory any process has allocated so far (verl's
+        perf/max_memory_allocated_gb); nothing off CUDA."""
+        if self.device.type != "cuda":
+            return {}
+        return {"memory/peak_gib": all_reduce_max(self.accelerator, torch.cuda.max_memory_allocated(self.device) / 2**30)}
 
     def _health(self, steps_before: int) -> dict[str, Any]:
         """Ternary health (code fractions, flip rate since the last report) when the optimizer step

@@ -103,6 +103,16 @@ def test_run_drives_a_stage_of_several_optimizer_steps(sft_dir, tmp_path):
     assert (final / "toy.txt").read_text() == "5"
     state = json.loads((final / "trainer_state" / "state.json").read_text())
     assert state["step"] == 15 and state["extra"] == {"iteration": 5, "steps_seen": 5}
+    if not torch.cuda.is_available():
+        assert not any("memory/peak_gib" in r for r in rows)  # a CUDA figure only
+
+
+@pytest.mark.gpu
+def test_peak_memory_per_step_on_cuda(sft_dir, tmp_path):
+    """`memory/peak_gib` every step: at least the weights, gradients and AdamW's two moments."""
+    final, _, rows = run_toy(tmp_path / "a", sft_dir, total=2, eval_every=0)
+    weights = sum(p.numel() * p.element_size() for p in load_policy(final).parameters()) / 2**30
+    assert all(r["memory/peak_gib"] >= 3 * weights for r in rows) and rows[1]["memory/peak_gib"] >= rows[0]["memory/peak_gib"]
 
 
 def test_resume_of_a_multi_step_stage_is_bit_exact(sft_dir, tmp_path):
