@@ -168,6 +168,7 @@ class Stage:
     extra_modules: dict[str, nn.Module] = field(default_factory=dict)  # e.g. a frozen reference, moved to device
     final_files: Callable[[nn.Module], dict[str, Callable[[Path], None]]] | None = None  # more files for OUT/final
     loss_items: Callable[[dict[str, torch.Tensor]], float] | None = None  # what a mean loss averages over (tokens); ranks rescale by it
+    loss_sums: bool = False  # the loss is a sum over the micro-batch: ranks scale it by the process count (DDP averages gradients)
 
 
 class BatchSteps:
@@ -202,6 +203,8 @@ class BatchSteps:
                     loss, stats, n_tokens = stage.loss_fn(run.model, batch)
                 if stage.loss_items is not None and world > 1:  # the global micro-batch's mean, not the mean of ranks' means
                     loss = loss * rank_share(stage.loss_items(batch), world, all_reduce_sum(acc))
+                elif stage.loss_sums and world > 1:  # Σ_r S_r over the global micro-batch, as one process sums it (HF Trainer does the same)
+                    loss = loss * world
                 acc.backward(loss / tcfg.grad_accum)
             step_tokens += n_tokens
             for key, value in {"loss": loss, **stats}.items():

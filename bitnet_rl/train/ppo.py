@@ -233,7 +233,7 @@ class PPOTrainer:
         raw = sampled.raw
         stats = {
             "reward": float(raw.mean()),
-            **group_reward_stats(raw, cfg.samples_per_prompt),
+            **group_reward_stats(gather_rows(acc, raw)[0] if cfg.samples_per_prompt < 2 else raw, cfg.samples_per_prompt),  # groups of 1: the std over every rank's batch
             "score": float(exp.scores.mean()),
             "kl": float(kl.sum(1).mean()),
             "kl_coef": self.kl_ctl.value,

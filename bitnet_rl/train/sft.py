@@ -102,5 +102,6 @@ def run_sft(recipe: Recipe, resume: str | None = None, device: str | None = None
         loss_fn=sft_loss_fn(recipe.train.loss_aggregation),
         eval_fn=(lambda m: evaluate_loss(m, val_examples, collate)) if val_examples else None,
         loss_items=label_tokens if recipe.train.loss_aggregation == "mean" else None,
+        loss_sums=recipe.train.loss_aggregation == "sum",
     )
     return train(stage, recipe, resume=resume, overwrite=overwrite)

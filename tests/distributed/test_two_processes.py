@@ -79,6 +79,25 @@ def test_sft_two_processes_match_one_process(sft_runs):
     assert json.loads((two / "run.json").read_text())["command"] == "sft"  # written once, by the main process
 
 
+def test_sft_with_summed_token_loss_two_processes_match_one_process(tmp_path):
+    """`train.loss_aggregation: sum`: each rank's loss is its micro-batch's sum and DDP averages the
+    ranks' gradients, so ranks scale it by the process count to train what one process does."""
+    from bitnet_rl.train.sft import run_sft
+
+    steps = ["train.max_steps=3", "data.demo_size=200", "logging.every=1", "checkpoint.every=0", "logging.progress=false",
+             "logging.health_every=0", "train.loss_aggregation=sum", "optimizer.lr=1e-4"]  # fmt: skip
+    cmd = [sys.executable, "-m", "bitnet_rl.cli", "sft", "recipes/tiny/sft.yaml", *steps, "train.batch_size=8", "--num-processes", "2", "--out", str(tmp_path / "two")]
+    done = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    run_sft(load_recipe("recipes/tiny/sft.yaml", [*steps, "train.batch_size=16", f"out={tmp_path / 'one'}"], stage="sft"))
+    a, b = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
+    assert len(a) == len(b) >= 3
+    for x, y in zip(a[1:], b[1:]):
+        for key in ("loss", "grad_norm"):
+            assert _close(x[key], y[key], key=key), (key, x["step"], x[key], y[key])
+    assert a[1]["loss"] > 20  # a sum over the batch's tokens, not a mean
+
+
 def test_checkpoint_of_two_processes_resumes_in_one(sft_runs, tmp_path):
     from bitnet_rl.train.sft import run_sft
 
@@ -118,7 +137,7 @@ def test_reward_model_two_processes_match_one_process(sft_runs, tmp_path):
 
 RL_KEYS = {
     "grpo": ("reward", "reward_std", "frac_reward_zero_std", "kl", "loss/policy", "grad_norm", "entropy", "response_length", "clip_ratio", "mismatch/kl_k3"),
-    "gae": ("reward", "kl", "loss/value", "grad_norm", "entropy", "explained_variance", "response_length"),
+    "gae": ("reward", "reward_std", "kl", "loss/value", "grad_norm", "entropy", "explained_variance", "response_length"),
 }
 
 
