@@ -249,11 +249,11 @@ class PPOTrainer:
         }
         if cfg.dynamic_sampling:
             stats["dynamic/rounds"], stats["dynamic/dropped_groups"] = sampled.rounds, sampled.dropped_groups
-            stats["dynamic/skipped_prompts"] = self.skipper.take_skipped() / acc.num_processes  # summed over ranks below
+            stats["dynamic/skipped_prompts"] = self.skipper.take_skipped()  # already global: every rank decides for all ranks' picks
         rows, groups = len(exp), len(exp) / cfg.samples_per_prompt
         per_row = {k: rows for k in ("reward", "score", "kl", "response_length", "eos_rate")}
         weights = {**per_row, "reward_std": groups, "frac_reward_zero_std": groups, "correction/kept_tokens": float(mask.sum()), "correction/mean_weight": float(exp.loss_mask.sum())}
-        stats = reduce_rollout_stats(acc, stats, weights, maxima=("time/generate", "time/score", "time/logprobs", "dynamic/rounds"), sums=("rollout_tokens_per_s", "dynamic/dropped_groups", "dynamic/skipped_prompts"))
+        stats = reduce_rollout_stats(acc, stats, weights, maxima=("time/generate", "time/score", "time/logprobs", "dynamic/rounds"), sums=("rollout_tokens_per_s", "dynamic/dropped_groups"))
         return exp, stats, sampled.completions
 
     def _old_logprobs(self, exp: Experience) -> torch.Tensor:
