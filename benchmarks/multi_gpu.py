@@ -74,19 +74,20 @@ def setup(args, work: Path) -> Path:
     return model_dir
 
 
-def recipes(args, work: Path, model_dir: Path, n: int) -> dict[str, dict]:
+def recipes(args, work: Path, model_dir: Path, n: int, strategy: str) -> dict[str, dict]:
     common = {
+        "distributed": {"strategy": strategy},
         "model": {"path": str(model_dir), **({} if args.tiny else {"dtype": "bfloat16"})},
         "train": {"gradient_checkpointing": args.checkpointing, "compile": args.compile and not args.tiny},
         "logging": {"progress": False, "health_every": 0, "every": 1},
         "checkpoint": {"every": 0},
     }
     sft = {
-        **common, "out": str(work / f"sft-{n}"), "data": {"path": str(work / "sft.jsonl"), "max_length": args.seq},
+        **common, "out": str(work / f"sft-{n}-{strategy}"), "data": {"path": str(work / "sft.jsonl"), "max_length": args.seq},
         "train": {**common["train"], "batch_size": args.batch, "max_steps": args.steps}, "optimizer": {"lr": 1e-5},
     }  # fmt: skip
     ppo = {
-        **common, "out": str(work / f"ppo-{n}"),
+        **common, "out": str(work / f"ppo-{n}-{strategy}"),
         "rollout": {"backend": "packed", "max_new_tokens": args.new_tokens, "temperature": 1.0},
         "ppo": {
             "prompts": str(work / "prompts.jsonl"), "rewards": [{"source": f"python:{Path(__file__).resolve()}:reward"}],
@@ -101,7 +102,7 @@ def recipes(args, work: Path, model_dir: Path, n: int) -> dict[str, dict]:
 
 def run_command(command: str, recipe: dict, n: int, work: Path, timeout: int) -> list[dict]:
     """`bitnet-rl sft R` or `bitnet-rl ppo --recipe R`, with `--num-processes N`; its metrics rows."""
-    path = work / f"{command}-{n}.json"
+    path = Path(recipe["out"] + ".json")
     path.write_text(json.dumps(recipe))  # YAML is a superset of JSON
     recipe_args = [str(path)] if command == "sft" else ["--recipe", str(path)]  # sft takes the recipe as its argument
     cmd = [sys.executable, "-m", "bitnet_rl.cli", command, *recipe_args, "--overwrite"] + (["--num-processes", str(n)] if n > 1 else [])
@@ -110,8 +111,11 @@ def run_command(command: str, recipe: dict, n: int, work: Path, timeout: int) ->
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
-    print(f"{command} with {n} process(es): {time.perf_counter() - start:.0f} s", flush=True)
+    print(f"{command} with {n} process(es), {recipe['distributed']['strategy']}: {time.perf_counter() - start:.0f} s", flush=True)
     return [json.loads(line) for line in (Path(recipe["out"]) / "metrics.jsonl").read_text().splitlines()]
+
+
+PHASES = ("time/generate", "time/score", "time/logprobs", "time/train")
 
 
 def summarize(command: str, rows: list[dict]) -> dict[str, float]:
@@ -121,13 +125,15 @@ def summarize(command: str, rows: list[dict]) -> dict[str, float]:
         warm = rows[2:] or rows[-1:]
         return {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in warm), "peak": peak}
     warm = rows[1:] or rows[-1:]
-    seconds = [sum(r[k] for k in ("time/generate", "time/score", "time/logprobs", "time/train")) for r in warm]
-    return {"seconds": statistics.median(seconds), "rollout_tokens_per_s": statistics.median(r["rollout_tokens_per_s"] for r in warm), "peak": peak}
+    seconds = [sum(r[k] for k in PHASES) for r in warm]
+    return {"seconds": statistics.median(seconds), **{k: statistics.median(r[k] for r in warm) for k in PHASES}, "rollout_tokens_per_s": statistics.median(r["rollout_tokens_per_s"] for r in warm), "peak": peak}
 
 
 def parse(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--processes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2])
+    parser.add_argument("--commands", type=lambda s: s.split(","), default=["sft", "ppo"], help="which of sft, ppo to run")
+    parser.add_argument("--strategies", type=lambda s: s.split(","), default=["ddp", "fsdp2"], help="distributed.strategy values for N > 1 (1 process: ddp)")
     parser.add_argument("--tiny", action="store_true", help="a tiny model on CPU (checks the script, not the GPUs)")
     parser.add_argument("--layers", type=int, default=None, help="decoder layers (default: 30; 2 with --tiny)")
     parser.add_argument("--seq", type=int, default=1024, help="SFT sequence length")
@@ -148,6 +154,7 @@ def parse(argv=None) -> argparse.Namespace:
     if args.layers is None:
         args.layers = 2 if args.tiny else 30
     if args.tiny:
+        args.strategies = [s for s in args.strategies if s != "fsdp2"] or ["ddp"]  # accelerate runs CPU workers with DDP only
         args.seq, args.batch, args.prompt_len, args.new_tokens = min(args.seq, 64), min(args.batch, 4), min(args.prompt_len, 16), min(args.new_tokens, 8)
         args.prompts, args.minibatch, args.micro = min(args.prompts, 4), min(args.minibatch, 8), min(args.micro, 8)
     return args
@@ -160,22 +167,27 @@ def main(argv=None) -> dict:
     model_dir = setup(args, work)
     print(f"setup {time.perf_counter() - t0:.0f} s", flush=True)
     results = {}
-    for n in args.processes:
-        for command, recipe in recipes(args, work, model_dir, n).items():
-            results[(command, n)] = summarize(command, run_command(command, recipe, n, work, args.timeout))
+    runs = [(n, strategy) for n in args.processes for strategy in (["ddp"] if n == 1 else args.strategies)]
+    for n, strategy in runs:
+        for command, recipe in recipes(args, work, model_dir, n, strategy).items():
+            if command not in args.commands:
+                continue
+            results[(command, n, strategy)] = summarize(command, run_command(command, recipe, n, work, args.timeout))
     where = "CPU (gloo), tiny model" if args.tiny else f"{torch.cuda.get_device_name()}, 2B4T shape, {args.layers} layers"
-    base_sft, base_ppo = results[("sft", args.processes[0])], results[("ppo", args.processes[0])]
-    sft_rows = [[n, results[("sft", n)]["tokens_per_s"], results[("sft", n)]["tokens_per_s"] / n,
-                 results[("sft", n)]["tokens_per_s"] / base_sft["tokens_per_s"], results[("sft", n)]["peak"]] for n in args.processes]  # fmt: skip
-    ppo_rows = [[n, results[("ppo", n)]["seconds"], args.prompts * args.samples * n / results[("ppo", n)]["seconds"],
-                 (args.prompts * args.samples * n / results[("ppo", n)]["seconds"]) / (args.prompts * args.samples * args.processes[0] / base_ppo["seconds"]),
-                 results[("ppo", n)]["rollout_tokens_per_s"], results[("ppo", n)]["peak"]] for n in args.processes]  # fmt: skip
-    print(f"\n{where}; SFT: {args.batch} x {args.seq} tokens per process and step")
-    print(table(["processes", "tokens/s", "tokens/s per process", f"vs {args.processes[0]}", "peak GiB per GPU"], sft_rows))
-    print(f"\nGRPO: {args.prompts} prompts x {args.samples} samples per process, {args.prompt_len} + {args.new_tokens} tokens")
-    print(table(["processes", "s per iteration", "samples/s", f"vs {args.processes[0]}", "rollout tokens/s", "peak GiB per GPU"], ppo_rows))
-    return {f"{c}-{n}": v for (c, n), v in results.items()}
-
+    if "sft" in args.commands:
+        base = results[("sft", *runs[0])]["tokens_per_s"]
+        rows = [[n, s, r["tokens_per_s"], r["tokens_per_s"] / n, r["tokens_per_s"] / base, r["peak"]] for n, s in runs for r in [results[("sft", n, s)]]]
+        print(f"\n{where}; SFT: {args.batch} x {args.seq} tokens per process and step")
+        print(table(["processes", "strategy", "tokens/s", "tokens/s per process", f"vs {runs[0][0]}", "peak GiB per GPU"], rows))
+    if "ppo" in args.commands:
+        samples = {(n, s): args.prompts * args.samples * n / results[("ppo", n, s)]["seconds"] for n, s in runs}
+        rows = [[n, s, r["seconds"], samples[n, s], samples[n, s] / samples[runs[0]], r["rollout_tokens_per_s"], r["peak"]]
+                for n, s in runs for r in [results[("ppo", n, s)]]]  # fmt: skip
+        print(f"\nGRPO: {args.prompts} prompts x {args.samples} samples per process, {args.prompt_len} + {args.new_tokens} tokens")
+        print(table(["processes", "strategy", "s per iteration", "samples/s", f"vs {runs[0][0]}", "rollout tokens/s", "peak GiB per GPU"], rows))
+        print("\nGRPO phases (s, median over iterations after the first; the slowest rank's)")
+        print(table(["processes", "strategy", *(k.split("/")[1] for k in PHASES)], [[n, s, *(results[("ppo", n, s)][k] for k in PHASES)] for n, s in runs]))
+    return {f"{c}-{n}-{s}": v for (c, n, s), v in results.items()}
 
 if __name__ == "__main__":
     main()
