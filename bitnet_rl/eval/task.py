@@ -5,7 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+import torch
+
 from bitnet_rl.data.prompts import encode_prompt
+from bitnet_rl.distributed.reduce import AllReduce, global_masked_moments, local_only
 
 
 @dataclass
@@ -56,15 +59,19 @@ def sample(
     return Samples(rows, prompt_ids, completion_ids, completions, reasons)
 
 
-def task_metrics(samples: Samples, reward, correct_fn: Callable[[str, str], bool] | None = None) -> dict[str, float]:
-    """Mean reward (and its std), accuracy when a checker is given, mean length and stop rate."""
-    rewards = reward.score(samples.prompts, samples.completions)
-    metrics = {
-        "reward": float(rewards.mean()),
-        "reward_std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
-        "length": sum(len(c) for c in samples.completion_ids) / max(len(samples.completion_ids), 1),
-        "stop_rate": sum(r == "stop" for r in samples.finish_reasons) / max(len(samples.finish_reasons), 1),
-    }
+def task_metrics(samples: Samples, reward, correct_fn: Callable[[str, str], bool] | None = None, all_reduce: AllReduce = local_only) -> dict[str, float]:
+    """Mean reward (and its unbiased std), accuracy when a checker is given, mean length and stop rate.
+
+    With `all_reduce` (the sum over ranks, `distributed.reduce`), `samples` are this rank's share
+    and the metrics are those of all ranks' samples together."""
+    rewards = reward.score(samples.prompts, samples.completions).double().cpu() if samples.prompts else torch.zeros(0, dtype=torch.float64)
+    mean, var, count = global_masked_moments(rewards, torch.ones_like(rewards), all_reduce)
+    correct = sum(correct_fn(p, c) for p, c in zip(samples.prompts, samples.completions)) if correct_fn is not None else 0
+    lengths = sum(len(c) for c in samples.completion_ids)
+    stops = sum(r == "stop" for r in samples.finish_reasons)
+    lengths, stops, correct = all_reduce(torch.tensor([lengths, stops, correct], dtype=torch.float64)).tolist()
+    n = max(float(count), 1.0)
+    metrics = {"reward": float(mean), "reward_std": float(var.sqrt()) if count > 1 else 0.0, "length": lengths / n, "stop_rate": stops / n}
     if correct_fn is not None:
-        metrics["accuracy"] = sum(correct_fn(p, c) for p, c in zip(samples.prompts, samples.completions)) / max(len(samples.prompts), 1)
+        metrics["accuracy"] = correct / n
     return metrics

@@ -21,6 +21,7 @@ from bitnet_rl.data.prefs import PrefCollator, model_pref_examples
 from bitnet_rl.data.sft import train_val_split
 from bitnet_rl.data.tokenizer import pad_id
 from bitnet_rl.distributed.launch import process_device
+from bitnet_rl.distributed.shards import Shard, process_shard, shard_batches
 from bitnet_rl.lora.apply import DisabledAdapterView, apply_lora
 from bitnet_rl.models.build import build_policy
 from bitnet_rl.models.forward import token_logprobs
@@ -106,19 +107,23 @@ def precompute_reference(model: nn.Module, examples: list[dict], collate, averag
 
 
 @torch.no_grad()
-def evaluate_pairs(model: nn.Module, reference: nn.Module | None, examples: list[dict], collate, cfg: DPOConfig, batch_size: int = 16) -> dict[str, float]:
-    """Held-out preference accuracy (implicit reward of chosen > rejected), margin and loss."""
+def evaluate_pairs(
+    model: nn.Module, reference: nn.Module | None, examples: list[dict], collate, cfg: DPOConfig, batch_size: int = 16, shard: Shard | None = None
+) -> dict[str, float]:
+    """Held-out preference accuracy (implicit reward of chosen > rejected), margin and loss: means
+    over the pairs. Several processes score their shares and all-reduce the sums (`distributed.shards`)."""
     device = next(model.parameters()).device
-    totals = {"loss": 0.0, "margin": 0.0, "accuracy": 0.0}
+    shard = shard or process_shard(device)
+    sums = torch.zeros(4, dtype=torch.float64)  # Σ loss·n, Σ margin·n, Σ accuracy·n, Σ n
     loss_fn = dpo_loss_fn(cfg, reference)
-    for start in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in collate(examples[start : start + batch_size]).items()}
+    for rows, padding in shard_batches(len(examples), batch_size, shard.rank, shard.world):
+        batch = {k: v.to(device) for k, v in collate([examples[i] for i in rows]).items()}
         losses, stats, _ = loss_fn(model, batch)
-        n = batch["chosen_input_ids"].shape[0]
-        totals["loss"] += float(losses) * n
-        totals["margin"] += float(stats["rewards/margin"]) * n
-        totals["accuracy"] += float(stats["rewards/accuracy"]) * n
-    return {f"val_{key}": value / len(examples) for key, value in totals.items()}
+        if not padding:
+            n = batch["chosen_input_ids"].shape[0]
+            sums += torch.tensor([float(losses) * n, float(stats["rewards/margin"]) * n, float(stats["rewards/accuracy"]) * n, n], dtype=torch.float64)
+    loss, margin, accuracy, count = shard.all_reduce(sums).tolist()
+    return {f"val_{key}": value / max(count, 1) for key, value in (("loss", loss), ("margin", margin), ("accuracy", accuracy))}
 
 
 def make_reference(policy: nn.Module, kind: str) -> nn.Module | None:

@@ -4,7 +4,8 @@ with the run's own reward sources.
 Prompts: `ppo.eval_path` if set; otherwise, when training on the demo task, `ppo.eval_prompts`
 fresh demo prompts that are not among the training prompts; otherwise none (no evaluation).
 Metrics are prefixed `eval/`: reward (greedy mean), reward_std, length, stop_rate and, on the demo
-task, accuracy (exactly sorted).
+task, accuracy (exactly sorted). With several processes each rank draws its share of the prompts
+and the metrics are all-reduced.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch.nn as nn
 
 from bitnet_rl.data.prompts import load_prompts
 from bitnet_rl.distributed.fsdp import gathered_params
+from bitnet_rl.distributed.shards import process_shard
 from bitnet_rl.eval.task import sample, task_metrics
 from bitnet_rl.recipe import Recipe
 
@@ -47,7 +49,9 @@ def make_evaluator(recipe: Recipe, tokenizer, reward, generator, prompts: list[A
         if hasattr(generator, "sync_from"):
             with gathered_params(policy):  # FSDP2: the full weights
                 generator.sync_from(policy)
-        drawn = sample(generator, tokenizer, prompts, recipe.rollout.max_new_tokens, temperature=0.0, batch_size=batch, chat=chat)
-        return {f"eval/{k}": v for k, v in task_metrics(drawn, reward, correct).items()}
+        shard = process_shard(next(policy.parameters()).device)  # each rank draws its share of the prompts
+        mine = prompts[shard.rank :: shard.world]
+        drawn = sample(generator, tokenizer, mine, recipe.rollout.max_new_tokens, temperature=0.0, batch_size=batch, chat=chat)
+        return {f"eval/{k}": v for k, v in task_metrics(drawn, reward, correct, shard.all_reduce).items()}
 
     return evaluate

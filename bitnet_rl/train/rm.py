@@ -21,6 +21,8 @@ from bitnet_rl.data.prefs import PrefCollator, model_pref_examples
 from bitnet_rl.data.sft import train_val_split
 from bitnet_rl.data.tokenizer import pad_id
 from bitnet_rl.distributed.launch import process_device
+from bitnet_rl.distributed.reduce import global_masked_moments
+from bitnet_rl.distributed.shards import Shard, process_shard, shard_batches
 from bitnet_rl.errors import UserError
 from bitnet_rl.models.build import resolve_dtype, resolve_model_dir
 from bitnet_rl.models.io import load_tokenizer
@@ -58,31 +60,38 @@ def rm_loss_fn(model: nn.Module, batch: dict[str, torch.Tensor]):
 
 
 @torch.no_grad()
-def all_pair_scores(model: nn.Module, examples: list[dict], collate, batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scores of every example's chosen and rejected completion, `(N,)` each, on the CPU."""
+def all_pair_scores(model: nn.Module, examples: list[dict], collate, batch_size: int = 32, shard: Shard = Shard()) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores of the chosen and rejected completions, `(N,)` each, on the CPU: of every example in
+    one process, of this rank's share (`distributed.shards`) under `shard`."""
     device = next(model.parameters()).device
-    chosen_all, rejected_all = [], []
-    for start in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in collate(examples[start : start + batch_size]).items()}
+    chosen_all, rejected_all = [torch.zeros(0)], [torch.zeros(0)]
+    for rows, padding in shard_batches(len(examples), batch_size, shard.rank, shard.world):
+        batch = {k: v.to(device) for k, v in collate([examples[i] for i in rows]).items()}
         chosen, rejected = pair_scores(model, batch)
-        chosen_all.append(chosen.cpu())
-        rejected_all.append(rejected.cpu())
+        if not padding:
+            chosen_all.append(chosen.float().cpu())
+            rejected_all.append(rejected.float().cpu())
     return torch.cat(chosen_all), torch.cat(rejected_all)
 
 
-def evaluate_rm(model: nn.Module, examples: list[dict], collate) -> dict[str, float]:
-    chosen, rejected = all_pair_scores(model, examples, collate)
-    return {
-        "val_loss": float(bradley_terry_loss(chosen, rejected).mean()),
-        "val_accuracy": float((chosen > rejected).float().mean()),
-        "val_margin": float((chosen - rejected).mean()),
-    }
+def evaluate_rm(model: nn.Module, examples: list[dict], collate, shard: Shard | None = None) -> dict[str, float]:
+    """Held-out Bradley-Terry loss, accuracy (chosen scored higher) and margin: means over the pairs,
+    each rank scoring its share with the sums all-reduced."""
+    shard = shard or process_shard(next(model.parameters()).device)
+    chosen, rejected = all_pair_scores(model, examples, collate, shard=shard)
+    sums = torch.stack([bradley_terry_loss(chosen, rejected).sum(), (chosen > rejected).sum(), (chosen - rejected).sum(), torch.tensor(len(chosen))])
+    loss, accuracy, margin, count = shard.all_reduce(sums.double()).tolist()
+    count = max(count, 1)
+    return {"val_loss": loss / count, "val_accuracy": accuracy / count, "val_margin": margin / count}
 
 
-def score_stats(model: nn.Module, examples: list[dict], collate) -> dict[str, float]:
-    """Mean and std of the model's scores over chosen and rejected completions of `examples`."""
-    scores = torch.cat(all_pair_scores(model, examples, collate))
-    return {"mean": float(scores.mean()), "std": float(scores.std().clamp(min=1e-6)), "count": scores.numel()}
+def score_stats(model: nn.Module, examples: list[dict], collate, shard: Shard | None = None) -> dict[str, float]:
+    """Mean and (unbiased) std of the model's scores over chosen and rejected completions of
+    `examples`, each rank scoring its share (`global_masked_moments` over the ranks)."""
+    shard = shard or process_shard(next(model.parameters()).device)
+    scores = torch.cat(all_pair_scores(model, examples, collate, shard=shard)).double()
+    mean, var, count = global_masked_moments(scores, torch.ones_like(scores), shard.all_reduce)
+    return {"mean": float(mean), "std": max(float(var.sqrt()), 1e-6), "count": int(count)}
 
 
 def run_rm(recipe: Recipe, resume: str | None = None, device: str | None = None, overwrite: bool = False) -> Path:

@@ -22,6 +22,7 @@ from bitnet_rl.data.prompts import context_length
 from bitnet_rl.data.sft import IGNORE_INDEX, SFTCollator, pack_examples, tokenize_sft, train_val_split
 from bitnet_rl.data.tokenizer import pad_id
 from bitnet_rl.distributed.launch import process_device
+from bitnet_rl.distributed.shards import Shard, process_shard, shard_batches
 from bitnet_rl.models.build import build_policy
 from bitnet_rl.models.io import prompt_format_of, set_prompt_format
 from bitnet_rl.recipe import Recipe
@@ -62,16 +63,21 @@ def label_tokens(batch: dict[str, torch.Tensor]) -> float:
 
 
 @torch.no_grad()
-def evaluate_loss(model: nn.Module, examples: list[dict], collate, batch_size: int = 16) -> dict[str, float]:
-    """Mean next-token loss over all trainable tokens of `examples`, and its perplexity."""
+def evaluate_loss(model: nn.Module, examples: list[dict], collate, batch_size: int = 16, shard: Shard | None = None) -> dict[str, float]:
+    """Mean next-token loss over all trainable tokens of `examples`, and its perplexity.
+
+    Several processes: each scores its share of the examples (`distributed.shards`) and the
+    sums of losses and tokens are all-reduced, so the result is one process's over all of them."""
     device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for start in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in collate(examples[start : start + batch_size]).items()}
+    shard = shard or process_shard(device)
+    sums = torch.zeros(2, dtype=torch.float64)  # Σ token losses, Σ tokens
+    for rows, padding in shard_batches(len(examples), batch_size, shard.rank, shard.world):
+        batch = {k: v.to(device) for k, v in collate([examples[i] for i in rows]).items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
         losses, mask = token_losses(logits, batch["labels"])
-        total += float((losses * mask).sum())
-        count += int(mask.sum())
+        if not padding:
+            sums += torch.tensor([float((losses * mask).sum()), float(mask.sum())], dtype=torch.float64)
+    total, count = shard.all_reduce(sums).tolist()
     loss = total / max(count, 1)
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
 
