@@ -20,9 +20,11 @@ T = TypeVar("T")
 
 def all_reduce_sum(accelerator) -> AllReduce:
     """`t ↦ Σ_ranks t` on the accelerator's device (the identity in one process); returns on `t`'s device."""
-    if accelerator.num_processes == 1:
-        return local_only
-    device = accelerator.device
+    return local_only if accelerator.num_processes == 1 else sum_over_ranks(accelerator.device)
+
+
+def sum_over_ranks(device: torch.device | str) -> AllReduce:
+    """`t ↦ Σ_ranks t` through `device` (a CUDA tensor for NCCL, a CPU one for gloo); returns on `t`'s device."""
 
     def reduce(tensor: torch.Tensor) -> torch.Tensor:
         out = tensor.detach().to(device).clone()

@@ -35,8 +35,8 @@ def check_launch(recipe, command: str, num_processes: int, gpus: int) -> None:
     strategy, accelerate_config = recipe.distributed.strategy, recipe.distributed.accelerate_config
     if num_processes < 1:
         raise UserError(f"{FLAG} {num_processes}: needs at least 1 process")
-    if accelerate_config is not None and not Path(accelerate_config).is_file():
-        raise UserError(f"distributed.accelerate_config={accelerate_config}: no such file (write one with `accelerate config`)")
+    if accelerate_config is not None:
+        check_accelerate_config(accelerate_config, strategy)
     if gpus and num_processes > gpus and accelerate_config is None:
         raise UserError(f"{FLAG} {num_processes}: only {gpus} GPU{'s' if gpus != 1 else ''} visible (one process per GPU)")
     if strategy == "fsdp2" and not gpus:
@@ -49,6 +49,40 @@ def check_launch(recipe, command: str, num_processes: int, gpus: int) -> None:
         raise UserError(
             "rollout.backend=policy cannot sample a sharded (fsdp2) policy: ranks stop generating at different steps; use rollout.backend=packed"
         )
+
+
+SUPPORTED_TYPES = ("NO", "MULTI_GPU", "MULTI_CPU", "FSDP")
+
+
+def check_accelerate_config(path: str, strategy: str) -> None:
+    """UserErrors for an `accelerate config` file this package cannot run: missing or unreadable,
+    a `distributed_type` other than DDP or FSDP (DeepSpeed, Megatron-LM, ...), or FSDP while the
+    recipe says `distributed.strategy: ddp` (the recipe's FSDP2 settings are the ones applied)."""
+    import yaml
+
+    where = f"distributed.accelerate_config={path}"
+    if not Path(path).is_file():
+        raise UserError(f"{where}: no such file (write one with `accelerate config`)")
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise UserError(f"{where}: not a readable YAML or JSON file ({type(err).__name__})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{where}: not an accelerate config (a mapping of keys, as `accelerate config` writes)")
+    kind = str(data.get("distributed_type", "NO")).upper()
+    if kind not in SUPPORTED_TYPES:
+        raise UserError(f"{where}: distributed_type {kind} is not supported; use MULTI_GPU (DDP) or distributed.strategy: fsdp2")
+    if kind == "FSDP" and strategy != "fsdp2":
+        raise UserError(f"{where}: distributed_type FSDP needs distributed.strategy=fsdp2 in the recipe (its FSDP2 settings replace the file's fsdp_config)")
+
+
+def check_worker_env(strategy: str, env: Mapping[str, str] = os.environ) -> None:
+    """The same rules for workers a user started with `accelerate launch` directly (the launcher
+    passes the config to them as ACCELERATE_USE_* variables)."""
+    if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        raise UserError("accelerate launch turned on DeepSpeed, which is not supported: use DDP or distributed.strategy=fsdp2")
+    if env.get("ACCELERATE_USE_FSDP", "").lower() == "true" and strategy != "fsdp2":
+        raise UserError("accelerate launch turned on FSDP: set distributed.strategy=fsdp2 in the recipe (its FSDP2 settings replace the launcher's)")
 
 
 def strip_flag(argv: Sequence[str], flag: str = FLAG) -> list[str]:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from bitnet_rl.distributed.collective import sum_over_ranks
 from bitnet_rl.distributed.reduce import AllReduce, local_only
 
 
@@ -31,14 +32,7 @@ def process_shard(device: torch.device | str) -> Shard:
     (a CUDA tensor for NCCL, a CPU one for gloo)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return Shard()
-    device = torch.device(device)
-
-    def reduce(tensor: torch.Tensor) -> torch.Tensor:
-        out = tensor.detach().to(device).clone()
-        dist.all_reduce(out, op=dist.ReduceOp.SUM)
-        return out.to(tensor.device)
-
-    return Shard(dist.get_rank(), dist.get_world_size(), reduce)
+    return Shard(dist.get_rank(), dist.get_world_size(), sum_over_ranks(device))
 
 
 def shard_batches(n: int, batch_size: int, rank: int = 0, world: int = 1) -> list[tuple[list[int], bool]]:

@@ -87,3 +87,46 @@ def test_each_worker_builds_its_model_on_its_own_gpu(monkeypatch):
     assert process_device() == "cuda:0"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert process_device() == "cpu"
+
+
+@pytest.mark.parametrize(
+    "text, extra, message",
+    [
+        ("distributed_type: DEEPSPEED\nnum_processes: 2\n", [], "distributed_type DEEPSPEED is not supported"),
+        ("distributed_type: FSDP\nfsdp_config:\n  fsdp_version: 1\n", [], "distributed_type FSDP needs distributed.strategy=fsdp2"),
+        ("distributed_type: [MULTI_GPU\n", [], "not a readable YAML or JSON file"),
+        ("- MULTI_GPU\n", [], "not an accelerate config"),
+    ],
+)
+def test_unusable_accelerate_config_is_one_line_exit_2(tmp_path, monkeypatch, text, extra, message):
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    config = tmp_path / "acc.yaml"
+    config.write_text(text)
+    result = runner.invoke(app, ["sft", "recipes/tiny/sft.yaml", "--out", str(tmp_path / "o"), f"distributed.accelerate_config={config}", *extra])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0] and str(config) in lines[0], result.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_usable_accelerate_configs_pass(tmp_path):
+    from bitnet_rl.distributed.launch import check_accelerate_config
+
+    ddp, fsdp = tmp_path / "ddp.yaml", tmp_path / "fsdp.json"
+    ddp.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\nnum_processes: 2\n")
+    fsdp.write_text('{"distributed_type": "FSDP", "fsdp_config": {"fsdp_version": 2}}')  # JSON is YAML too
+    check_accelerate_config(str(ddp), "ddp")
+    check_accelerate_config(str(ddp), "fsdp2")  # the recipe's FSDP2 plugin applies
+    check_accelerate_config(str(fsdp), "fsdp2")
+
+
+def test_workers_started_by_the_user_refuse_deepspeed_and_unasked_fsdp():
+    from bitnet_rl.distributed.launch import check_worker_env
+    from bitnet_rl.errors import UserError
+
+    with pytest.raises(UserError, match="DeepSpeed, which is not supported"):
+        check_worker_env("ddp", {"ACCELERATE_USE_DEEPSPEED": "true"})
+    with pytest.raises(UserError, match="set distributed.strategy=fsdp2"):
+        check_worker_env("ddp", {"ACCELERATE_USE_FSDP": "true"})
+    check_worker_env("fsdp2", {"ACCELERATE_USE_FSDP": "true"})
+    check_worker_env("ddp", {"ACCELERATE_USE_FSDP": "false", "ACCELERATE_USE_DEEPSPEED": "false"})
