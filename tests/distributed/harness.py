@@ -29,8 +29,9 @@ def launch(script: str, *args: str, timeout: int = 400) -> None:
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
 
 
-def rl_recipe(advantage: str, model: Path, out: Path, processes: int):
-    """GRPO (groups of 4, KL as a loss) or PPO with a critic (GAE, whitened advantages), same global batch."""
+def rl_recipe(advantage: str, model: Path, out: Path, processes: int, eval_prompts: int = 0):
+    """GRPO (groups of 4, KL as a loss) or PPO with a critic (GAE, whitened advantages), same global
+    batch; with `eval_prompts`, greedy held-out evaluation every 2 iterations (each rank its share)."""
     from bitnet_rl.recipe import load_recipe
 
     group = GROUP if advantage == "grpo" else 1
@@ -40,7 +41,7 @@ def rl_recipe(advantage: str, model: Path, out: Path, processes: int):
     return load_recipe(base, [
         f"out={out}", f"model.path={model}", "rollout.max_new_tokens=8", f"ppo.prompts_per_iteration={per_rank}",
         f"ppo.samples_per_prompt={group}", f"ppo.minibatch_size={per_rank * group}", f"ppo.micro_batch_size={per_rank * group // 2}",
-        "ppo.iterations=3", "ppo.eval_prompts=0", "ppo.num_prompts=64", "logging.progress=false", "logging.health_every=2",
+        "ppo.iterations=3", f"ppo.eval_prompts={eval_prompts}", "ppo.eval_every=2", "ppo.num_prompts=64", "logging.progress=false", "logging.health_every=2",
         "scheduler.warmup_steps=0", "optimizer.lr=0.001", "checkpoint.every=0",
         # pinned, whatever the shipped recipe says: one round per iteration (refill rounds draw other prompts
         # per rank than one process would) and the partial-credit reward (a tiny policy's exact matches barely move)

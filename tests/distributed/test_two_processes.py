@@ -5,7 +5,8 @@ global batch: SFT and reward models through `bitnet-rl CMD --num-processes 2`, G
 Measured (CPU, torch 2.13, `pytest -s` prints every gap): SFT loss and grad norm agree to a relative
 7e-7 over 6 steps, the reward model to 1e-7, GRPO's reward, reward std, KL, policy loss, entropy and
 grad norm to an absolute 5e-7 over 3 iterations, PPO-GAE's (with value loss and explained variance)
-to a relative 3.4e-6. Asserted: relative 1e-4 (absolute 1e-5 near 0). The gaps are float summation
+to a relative 3.4e-6; GRPO's greedy held-out evaluation, split 7 + 6 prompts across the ranks, to 0
+(without the all-reduce eval/reward was off by 5%). Asserted: relative 1e-4 (absolute 1e-5 near 0). The gaps are float summation
 order; ternary rounding of the weights can amplify them step by step, so longer runs drift. For
 scale, the naive port (each rank's own token mean, averaged by DDP) was off by a relative 8e-4 in
 SFT loss and 1.6e-2 in grad norm within 6 steps, and a reward model whose backbone pass skipped
@@ -140,6 +141,9 @@ RL_KEYS = {
     "gae": ("reward", "reward_std", "kl", "loss/value", "grad_norm", "entropy", "explained_variance", "response_length"),
 }
 
+EVAL = {"grpo": 13, "gae": 0}  # GRPO also evaluates 13 held-out prompts greedily: 7 on rank 0, 6 on rank 1
+EVAL_KEYS = ("eval/reward", "eval/reward_std", "eval/accuracy", "eval/length", "eval/stop_rate")
+
 
 @pytest.fixture(scope="module")
 def rl_runs(tmp_path_factory, rl_policy):
@@ -154,7 +158,7 @@ def rl_runs(tmp_path_factory, rl_policy):
     specs = []
     for advantage in RL_KEYS:
         spec = root / f"{advantage}-two.json"
-        spec.write_text(rl_recipe(advantage, sft / "final", root / f"{advantage}-two", 2).model_dump_json())
+        spec.write_text(rl_recipe(advantage, sft / "final", root / f"{advantage}-two", 2, EVAL[advantage]).model_dump_json())
         specs.append(str(spec))
     failing = rl_recipe("grpo", sft / "final", root / "reward-error", 2)
     failing.ppo.rewards = [RewardSpec(source=f"python:{Path(__file__).parent / 'rank_one_reward.py'}:reward")]
@@ -172,7 +176,7 @@ def rl_runs(tmp_path_factory, rl_policy):
         for advantage in RL_KEYS:
             ppo.make_generator = make_generator
             row_seeded.patch(GROUP if advantage == "grpo" else 1)
-            ppo.run_ppo(rl_recipe(advantage, sft / "final", root / f"{advantage}-one", 1))
+            ppo.run_ppo(rl_recipe(advantage, sft / "final", root / f"{advantage}-one", 1, EVAL[advantage]))
     finally:
         ppo.make_generator = make_generator
     return root
@@ -185,8 +189,10 @@ def test_rl_two_processes_match_one_process(rl_runs, advantage):
     if advantage == "grpo":
         assert any(x["reward_std"] > 0.05 for x in a)  # groups with spread: the advantages are not all zero
     for x, y in zip(a, b):
-        for key in RL_KEYS[advantage]:
+        for key in RL_KEYS[advantage] + (EVAL_KEYS if "eval/reward" in x else ()):
             assert _close(x[key], y[key], key=key), (key, x["step"], x[key], y[key])
+    if EVAL[advantage]:  # evaluated at iterations 2 and 3 by both, the 2-process run each rank its share
+        assert ["eval/reward" in x for x in a] == ["eval/reward" in y for y in b] == [False, True, True]
     assert a[0]["reward"] != a[-1]["reward"]  # the policy changed between iterations
 
 
