@@ -1,9 +1,10 @@
 """Two gloo processes through `accelerate launch` train exactly what one process trains on the same
-global batch: SFT and reward models through `bitnet-rl CMD --num-processes 2`, GRPO and PPO with a critic
+global batch: SFT, DPO and reward models through `bitnet-rl CMD --num-processes 2`, GRPO and PPO with a critic
 (GAE) through a worker script with row-seeded sampling (row_seeded.py); a checkpoint written by 2 processes resumes in 1.
 
 Measured (CPU, torch 2.13, `pytest -s` prints every gap): SFT loss and grad norm agree to a relative
-7e-7 over 6 steps, the reward model to 1e-7, GRPO's reward, reward std, KL, policy loss, entropy and
+7e-7 over 6 steps, the reward model to 1e-7, DPO (with the RPO term, packed or precomputed
+reference) to 1e-7 in loss and grad norm and 3e-5 in held-out margin, GRPO's reward, reward std, KL, policy loss, entropy and
 grad norm to an absolute 5e-7 over 3 iterations, PPO-GAE's (with value loss and explained variance)
 to a relative 3.4e-6; GRPO's greedy held-out evaluation, split 7 + 6 prompts across the ranks, to 0
 (without the all-reduce eval/reward was off by 5%). Asserted: relative 1e-4 (absolute 1e-5 near 0). The gaps are float summation
@@ -135,6 +136,31 @@ def test_reward_model_two_processes_match_one_process(sft_runs, tmp_path):
             if key in x:
                 assert _close(x[key], y[key], key=key), (key, x["step"], x[key], y[key])
 
+
+
+@pytest.mark.parametrize("reference", ["ternary", "precompute"])
+def test_dpo_two_processes_match_one_process(sft_runs, tmp_path, reference):
+    """DPO with the RPO NLL term: per-pair means on every rank, so DDP's gradient average over equal
+    per-rank batches is the global mean; the packed reference (or the log-probs each rank
+    precomputes for all examples) is the same on every rank; validation is split across ranks."""
+    from bitnet_rl.train.dpo import run_dpo
+
+    one, _, _ = sft_runs
+    common = ["train.max_steps=4", "data.demo_size=120", "logging.progress=false", "logging.every=1", f"dpo.reference={reference}",
+              "dpo.rpo_alpha=1.0", "data.val_fraction=0.15", "train.eval_every=2", "optimizer.lr=1e-3"]  # fmt: skip
+    args = ["--prefs", "demo", "--model", str(one / "final"), *common]
+    cmd = [sys.executable, "-m", "bitnet_rl.cli", "dpo", *args, "train.batch_size=4", "--num-processes", "2", "--out", str(tmp_path / "two")]
+    done = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    run_dpo(load_recipe(None, [*common, "train.batch_size=8", f"out={tmp_path / 'one'}", "data.path=demo", f"model.path={one / 'final'}"], stage="dpo"))
+    a, b = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
+    assert len(a) == len(b) == 5 and sum("val_loss" in x for x in a) == 3  # steps 0, 2 and 4 evaluated
+    for x, y in zip(a, b):
+        # at step 0 the policy is its reference: margins are float noise (~1e-8) and accuracy counts noise
+        for key in ("loss", "grad_norm", "nll/chosen", "rewards/margin", "val_loss") + (("val_margin", "val_accuracy") if x["step"] else ()):
+            if key in x:
+                assert _close(x[key], y[key], key=key), (key, x["step"], x[key], y[key])
+    assert abs(a[-1]["val_margin"]) > 1e-4  # the held-out margins moved off 0
 
 RL_KEYS = {
     "grpo": ("reward", "reward_std", "frac_reward_zero_std", "kl", "loss/policy", "grad_norm", "entropy", "response_length", "clip_ratio", "mismatch/kl_k3"),
