@@ -29,9 +29,6 @@ def accelerator_options(recipe) -> dict[str, Any]:
     as a lone process); `strategy: fsdp2` passes accelerate's FSDP2 plugin (full state dicts,
     decoder layers as shard groups).
     """
-    from bitnet_rl.distributed.launch import check_worker_env
-
-    check_worker_env(recipe.distributed.strategy)
     options: dict[str, Any] = {}
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
         options["cpu"] = True

@@ -25,27 +25,42 @@ MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1
 FLAG = "--num-processes"
 
 
+LAUNCHED = "BITNET_RL_LAUNCHED"  # set in every process `--num-processes` starts
+
+
 def is_worker(env: Mapping[str, str] = os.environ) -> bool:
-    """True inside a process started by torchrun / `accelerate launch` (it must not launch again)."""
-    return "LOCAL_RANK" in env
+    """True inside a process started by torchrun / `accelerate launch` (it must not launch again).
+
+    Besides torchrun's `LOCAL_RANK`, the launcher marks its children: with an accelerate config of
+    type NO or MULTI_CPU, `accelerate launch` starts one plain process without a rank."""
+    return "LOCAL_RANK" in env or env.get(LAUNCHED) == "1"
 
 
 def check_launch(recipe, command: str, num_processes: int, gpus: int) -> None:
     """UserErrors for a launch that cannot work, before any worker starts."""
-    strategy, accelerate_config = recipe.distributed.strategy, recipe.distributed.accelerate_config
+    accelerate_config = recipe.distributed.accelerate_config
     if num_processes < 1:
         raise UserError(f"{FLAG} {num_processes}: needs at least 1 process")
     if accelerate_config is not None:
-        check_accelerate_config(accelerate_config, strategy)
+        check_accelerate_config(accelerate_config, recipe.distributed.strategy)
     if gpus and num_processes > gpus and accelerate_config is None:
         raise UserError(f"{FLAG} {num_processes}: only {gpus} GPU{'s' if gpus != 1 else ''} visible (one process per GPU)")
-    if strategy == "fsdp2" and not gpus:
+    check_strategy(recipe, command, gpus)
+
+
+def check_strategy(recipe, command: str, gpus: int) -> None:
+    """UserErrors for a `distributed.strategy` the run cannot use: checked by the launching process
+    and again in every worker (workers a user starts with `accelerate launch` directly included)."""
+    if recipe.distributed.strategy != "fsdp2":
+        return
+    if not gpus:
         raise UserError(
             "distributed.strategy=fsdp2 needs GPUs: accelerate runs CPU workers with DDP only (it ignores the FSDP plugin); use strategy ddp on CPU"
         )
-    if strategy == "fsdp2" and recipe.lora.enabled:
+    if recipe.lora.enabled:
         raise UserError("distributed.strategy=fsdp2 with lora.enabled is not supported (the adapters' merge reads whole weights); use strategy ddp")
-    if strategy == "fsdp2" and command == "ppo" and recipe.rollout.backend == "policy":
+    rollout = getattr(recipe, "rollout", None)
+    if command == "ppo" and rollout is not None and rollout.backend == "policy":
         raise UserError(
             "rollout.backend=policy cannot sample a sharded (fsdp2) policy: ranks stop generating at different steps; use rollout.backend=packed"
         )
@@ -79,8 +94,9 @@ def check_accelerate_config(path: str, strategy: str) -> None:
 def check_worker_env(strategy: str, env: Mapping[str, str] = os.environ) -> None:
     """The same rules for workers a user started with `accelerate launch` directly (the launcher
     passes the config to them as ACCELERATE_USE_* variables)."""
-    if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
-        raise UserError("accelerate launch turned on DeepSpeed, which is not supported: use DDP or distributed.strategy=fsdp2")
+    for variable, name in (("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"), ("ACCELERATE_USE_MEGATRON_LM", "Megatron-LM")):
+        if env.get(variable, "").lower() == "true":
+            raise UserError(f"accelerate launch turned on {name}, which is not supported: use DDP or distributed.strategy=fsdp2")
     if env.get("ACCELERATE_USE_FSDP", "").lower() == "true" and strategy != "fsdp2":
         raise UserError("accelerate launch turned on FSDP: set distributed.strategy=fsdp2 in the recipe (its FSDP2 settings replace the launcher's)")
 
@@ -125,9 +141,9 @@ def launch_command(command_argv: Sequence[str], num_processes: int | None, mixed
 
 
 def worker_env(base: Mapping[str, str], cuda: bool) -> dict[str, str]:
-    """The workers' environment: `base`, NVLink multicast off, CPU workers (gloo) without CUDA,
-    one torch thread per worker unless OMP_NUM_THREADS is set."""
-    env = {**base, **MULTICAST_OFF}
+    """The workers' environment: `base`, NVLink multicast off, the launched mark, CPU workers (gloo)
+    without CUDA, one torch thread per worker unless OMP_NUM_THREADS is set."""
+    env = {**base, **MULTICAST_OFF, LAUNCHED: "1"}
     if not cuda:
         env["ACCELERATE_USE_CPU"] = "true"
     env.setdefault("OMP_NUM_THREADS", "1")

@@ -26,6 +26,10 @@ class Shard:
     world: int = 1
     all_reduce: AllReduce = field(default=local_only, compare=False)
 
+    def all_true(self, flag: bool) -> bool:
+        """True when `flag` is True on every rank (one all-reduce; `flag` itself in one process)."""
+        return float(self.all_reduce(torch.tensor([0.0 if flag else 1.0]))[0]) == 0.0
+
 
 def process_shard(device: torch.device | str) -> Shard:
     """The running process's `Shard` (one process: `Shard()`); sums go through `device`

@@ -17,8 +17,9 @@ import torch.nn as nn
 from bitnet_rl.data.prompts import load_prompts
 from bitnet_rl.distributed.fsdp import gathered_params
 from bitnet_rl.distributed.shards import process_shard
-from bitnet_rl.eval.task import sample, task_metrics
+from bitnet_rl.eval.task import sample, score_samples, task_metrics
 from bitnet_rl.recipe import Recipe
+from bitnet_rl.train.ppo_sampling import agreed
 
 
 def heldout_prompts(recipe: Recipe, training_prompts: list[Any]) -> list[Any]:
@@ -52,6 +53,7 @@ def make_evaluator(recipe: Recipe, tokenizer, reward, generator, prompts: list[A
         shard = process_shard(next(policy.parameters()).device)  # each rank draws its share of the prompts
         mine = prompts[shard.rank :: shard.world]
         drawn = sample(generator, tokenizer, mine, recipe.rollout.max_new_tokens, temperature=0.0, batch_size=batch, chat=chat)
-        return {f"eval/{k}": v for k, v in task_metrics(drawn, reward, correct, shard.all_reduce).items()}
+        scores = agreed(lambda: score_samples(drawn, reward), shard.all_true)  # a reward error stops every rank
+        return {f"eval/{k}": v for k, v in task_metrics(drawn, reward, correct, shard.all_reduce, scores=scores).items()}
 
     return evaluate

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import torch
 
@@ -23,6 +23,8 @@ from bitnet_rl.rl.shaping import filtered_groups, overlong_penalty
 from bitnet_rl.rollout.output import RolloutOutput
 from bitnet_rl.rollout.output import concat_rollouts
 from bitnet_rl.train.experience import select_rollout
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -94,9 +96,15 @@ def _concat(parts: list[Sampled]) -> Sampled:
 
 def _agreed_round(round_fn: Callable[[int], Sampled], index: int, everyone: Callable[[bool], bool]) -> Sampled:
     """`round_fn(index)`, raising on every process when a reward source failed on any of them."""
+    return agreed(lambda: round_fn(index), everyone)
+
+
+def agreed(fn: Callable[[], T], everyone: Callable[[bool], bool]) -> T:
+    """`fn()` on every process, raising on all of them when a reward source failed on any one: a
+    process that raised alone would leave the others waiting in their next collective."""
     error: RewardError | None = None
     try:
-        result = round_fn(index)
+        result = fn()
     except RewardError as err:
         error = err
     if not everyone(error is None):

@@ -60,10 +60,11 @@ def rm_loss_fn(model: nn.Module, batch: dict[str, torch.Tensor]):
 
 
 @torch.no_grad()
-def all_pair_scores(model: nn.Module, examples: list[dict], collate, batch_size: int = 32, shard: Shard = Shard()) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scores of the chosen and rejected completions, `(N,)` each, on the CPU: of every example in
-    one process, of this rank's share (`distributed.shards`) under `shard`."""
+def all_pair_scores(model: nn.Module, examples: list[dict], collate, batch_size: int = 32, shard: Shard | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores of the chosen and rejected completions, float32 `(N,)` each, on the CPU: of every
+    example in one process, of this rank's share (`distributed.shards`) with several."""
     device = next(model.parameters()).device
+    shard = shard or process_shard(device)
     chosen_all, rejected_all = [torch.zeros(0)], [torch.zeros(0)]
     for rows, padding in shard_batches(len(examples), batch_size, shard.rank, shard.world):
         batch = {k: v.to(device) for k, v in collate([examples[i] for i in rows]).items()}
@@ -74,22 +75,22 @@ def all_pair_scores(model: nn.Module, examples: list[dict], collate, batch_size:
     return torch.cat(chosen_all), torch.cat(rejected_all)
 
 
-def evaluate_rm(model: nn.Module, examples: list[dict], collate, shard: Shard | None = None) -> dict[str, float]:
+def evaluate_rm(model: nn.Module, examples: list[dict], collate, batch_size: int = 32, shard: Shard | None = None) -> dict[str, float]:
     """Held-out Bradley-Terry loss, accuracy (chosen scored higher) and margin: means over the pairs,
     each rank scoring its share with the sums all-reduced."""
     shard = shard or process_shard(next(model.parameters()).device)
-    chosen, rejected = all_pair_scores(model, examples, collate, shard=shard)
-    sums = torch.stack([bradley_terry_loss(chosen, rejected).sum(), (chosen > rejected).sum(), (chosen - rejected).sum(), torch.tensor(len(chosen))])
-    loss, accuracy, margin, count = shard.all_reduce(sums.double()).tolist()
+    chosen, rejected = all_pair_scores(model, examples, collate, batch_size, shard=shard)
+    sums = [bradley_terry_loss(chosen, rejected).sum(), (chosen > rejected).sum(), (chosen - rejected).sum(), len(chosen)]
+    loss, accuracy, margin, count = shard.all_reduce(torch.tensor([float(x) for x in sums], dtype=torch.float64)).tolist()
     count = max(count, 1)
     return {"val_loss": loss / count, "val_accuracy": accuracy / count, "val_margin": margin / count}
 
 
-def score_stats(model: nn.Module, examples: list[dict], collate, shard: Shard | None = None) -> dict[str, float]:
+def score_stats(model: nn.Module, examples: list[dict], collate, batch_size: int = 32, shard: Shard | None = None) -> dict[str, float]:
     """Mean and (unbiased) std of the model's scores over chosen and rejected completions of
     `examples`, each rank scoring its share (`global_masked_moments` over the ranks)."""
     shard = shard or process_shard(next(model.parameters()).device)
-    scores = torch.cat(all_pair_scores(model, examples, collate, shard=shard)).double()
+    scores = torch.cat(all_pair_scores(model, examples, collate, batch_size, shard=shard)).double()
     mean, var, count = global_masked_moments(scores, torch.ones_like(scores), shard.all_reduce)
     return {"mean": float(mean), "std": max(float(var.sqrt()), 1e-6), "count": int(count)}
 

@@ -38,6 +38,8 @@ def test_worker_env_turns_multicast_off_and_picks_gloo_on_cpu():
     gpu = worker_env({}, cuda=True)
     assert "ACCELERATE_USE_CPU" not in gpu and gpu["OMP_NUM_THREADS"] == "1" and gpu["NCCL_NVLS_ENABLE"] == "0"
     assert is_worker({"LOCAL_RANK": "0"}) and not is_worker({})
+    # a child `accelerate launch` starts without a rank (config type NO / MULTI_CPU) is a worker too
+    assert env["BITNET_RL_LAUNCHED"] == "1" and is_worker({"BITNET_RL_LAUNCHED": "1"})
 
 
 @pytest.mark.parametrize(
@@ -90,19 +92,19 @@ def test_each_worker_builds_its_model_on_its_own_gpu(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "text, extra, message",
+    "text, message",
     [
-        ("distributed_type: DEEPSPEED\nnum_processes: 2\n", [], "distributed_type DEEPSPEED is not supported"),
-        ("distributed_type: FSDP\nfsdp_config:\n  fsdp_version: 1\n", [], "distributed_type FSDP needs distributed.strategy=fsdp2"),
-        ("distributed_type: [MULTI_GPU\n", [], "not a readable YAML or JSON file"),
-        ("- MULTI_GPU\n", [], "not an accelerate config"),
+        ("distributed_type: DEEPSPEED\nnum_processes: 2\n", "distributed_type DEEPSPEED is not supported"),
+        ("distributed_type: FSDP\nfsdp_config:\n  fsdp_version: 1\n", "distributed_type FSDP needs distributed.strategy=fsdp2"),
+        ("distributed_type: [MULTI_GPU\n", "not a readable YAML or JSON file"),
+        ("- MULTI_GPU\n", "not an accelerate config"),
     ],
 )
-def test_unusable_accelerate_config_is_one_line_exit_2(tmp_path, monkeypatch, text, extra, message):
+def test_unusable_accelerate_config_is_one_line_exit_2(tmp_path, monkeypatch, text, message):
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     config = tmp_path / "acc.yaml"
     config.write_text(text)
-    result = runner.invoke(app, ["sft", "recipes/tiny/sft.yaml", "--out", str(tmp_path / "o"), f"distributed.accelerate_config={config}", *extra])
+    result = runner.invoke(app, ["sft", "recipes/tiny/sft.yaml", "--out", str(tmp_path / "o"), f"distributed.accelerate_config={config}"])
     assert result.exit_code == 2, result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and message in lines[0] and str(config) in lines[0], result.output
@@ -126,7 +128,25 @@ def test_workers_started_by_the_user_refuse_deepspeed_and_unasked_fsdp():
 
     with pytest.raises(UserError, match="DeepSpeed, which is not supported"):
         check_worker_env("ddp", {"ACCELERATE_USE_DEEPSPEED": "true"})
+    with pytest.raises(UserError, match="Megatron-LM, which is not supported"):
+        check_worker_env("fsdp2", {"ACCELERATE_USE_MEGATRON_LM": "true"})
     with pytest.raises(UserError, match="set distributed.strategy=fsdp2"):
         check_worker_env("ddp", {"ACCELERATE_USE_FSDP": "true"})
     check_worker_env("fsdp2", {"ACCELERATE_USE_FSDP": "true"})
     check_worker_env("ddp", {"ACCELERATE_USE_FSDP": "false", "ACCELERATE_USE_DEEPSPEED": "false"})
+
+
+def test_a_worker_started_without_the_cli_launcher_checks_the_strategy(tmp_path, monkeypatch):
+    """`accelerate launch -m bitnet_rl.cli ...` by hand skips the parent's checks: the run object
+    repeats them before it builds anything (here: fsdp2 on a machine without GPUs)."""
+    from bitnet_rl.errors import UserError
+    from bitnet_rl.recipe import load_recipe
+    from bitnet_rl.train.run import Run
+
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    recipe = load_recipe(None, ["distributed.strategy=fsdp2", f"out={tmp_path / 'o'}"], stage="sft")
+    with pytest.raises(UserError, match="strategy=fsdp2 needs GPUs"):
+        Run(recipe, "sft")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(UserError, match="accelerate launch turned on FSDP"):
+        Run(load_recipe(None, [f"out={tmp_path / 'o'}"], stage="sft"), "sft")

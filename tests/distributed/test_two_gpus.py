@@ -38,7 +38,7 @@ COMMON = ["logging.progress=false", "logging.every=1", "logging.health_every=0"]
 SFT = ["train.max_steps=8", "data.demo_size=400", "checkpoint.every=4", *COMMON]
 PREFS = ["train.max_steps=4", "data.demo_size=200", "checkpoint.every=0", *COMMON]
 GRPO = ["ppo.iterations=3", "ppo.prompts_per_iteration=4", "ppo.samples_per_prompt=4", "ppo.minibatch_size=16",
-        "ppo.micro_batch_size=8", "ppo.eval_prompts=0", "ppo.num_prompts=64", "rollout.max_new_tokens=8",
+        "ppo.micro_batch_size=8", "ppo.eval_prompts=7", "ppo.eval_every=3", "ppo.num_prompts=64", "rollout.max_new_tokens=8",
         "ppo.dynamic_sampling=false", "ppo.dynamic_sampling_max_mean=null", "ppo.skip_dropped_prompts=0",
         'ppo.rewards=[{"source": "reward_models.demo_task:reward"}]', "ppo.old_logprobs=policy",
         "ppo.rollout_correction=token_tis", "scheduler.warmup_steps=0", "checkpoint.every=0", *COMMON]  # fmt: skip
@@ -136,6 +136,7 @@ def test_preference_stages_fsdp2_match_ddp(root, command):
     assert len(ddp) == len(fsdp) >= 4
     for x, y in zip(ddp[1:], fsdp[1:]):
         assert close(x["loss"], y["loss"], 2e-3, f"{command} loss step {x['step']}"), (x, y)
+    assert "val_loss" in ddp[-1] and close(ddp[-1]["val_loss"], fsdp[-1]["val_loss"], 2e-3, f"{command} val_loss")  # split across ranks
     assert (runs / f"{command}-fsdp2" / "final" / "config.json").is_file()
 
 
@@ -144,7 +145,8 @@ def test_grpo_fsdp2_follows_ddp(root):
     chosen per run can flip a sampled token, after which the samples differ: the first iteration's
     mean reward (32 samples of a partial-credit reward in [0, 1], std ~0.3 each) agrees within 0.2
     (over 4 standard errors of a difference of independent means), every metric is finite, and the
-    KL to the reference starts near 0 (the reference is the starting policy)."""
+    KL to the reference starts near 0 (the reference is the starting policy); the held-out
+    evaluation, split across the ranks (sharded forwards under FSDP2), reports in range."""
     import math
 
     runs = stage_runs(root, "ppo")
@@ -157,3 +159,5 @@ def test_grpo_fsdp2_follows_ddp(root):
         assert all(math.isfinite(row[k]) for k in ("reward", "kl", "loss/policy", "grad_norm", "entropy"))
         assert 0.0 <= row["reward"] <= 1.0 and row["memory/peak_gib"] > 0
     assert abs(ddp[0]["kl"]) < 0.05 and abs(fsdp[0]["kl"]) < 0.05
+    for run in (ddp, fsdp):  # held-out greedy evaluation after the last iteration, 7 prompts split 4 + 3
+        assert all(0.0 <= run[-1][k] <= 1.0 for k in ("eval/reward", "eval/accuracy", "eval/stop_rate"))

@@ -53,11 +53,17 @@ def assert_same(one: dict, ranks: list[dict], rel: float = 1e-6) -> None:
             assert result[key] == pytest.approx(one[key], rel=rel, abs=1e-7), key
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_sft_validation_across_ranks_equals_one_process(sft_dir, world):
+def pads(n: int, batch: int, world: int) -> bool:
+    """Whether some rank runs a padding batch (its results dropped) at this size."""
+    return any(padding for rank in range(world) for _, padding in shard_batches(n, batch, rank, world))
+
+
+@pytest.mark.parametrize("n, world", [(23, 2), (23, 3), (9, 2)])
+def test_sft_validation_across_ranks_equals_one_process(sft_dir, n, world):
     torch.set_num_threads(1)
     model, tokenizer = load_policy(sft_dir).eval(), load_tokenizer(sft_dir)
-    examples = tokenize_sft(make_sft_records(23, seed=3), tokenizer, "prompt_completion", max_length=32)
+    examples = tokenize_sft(make_sft_records(n, seed=3), tokenizer, "prompt_completion", max_length=32)
+    assert pads(n, 4, world) == (n == 9)  # 9 examples: rank 1 has 4 (one batch) and repeats it once as padding
     collate = SFTCollator(tokenizer.pad_token_id)
     one = evaluate_loss(model, examples, collate, batch_size=4)
     seen: dict[int, int] = {}
@@ -70,35 +76,35 @@ def test_sft_validation_across_ranks_equals_one_process(sft_dir, world):
         return collate_rank
 
     assert_same(one, across(world, lambda shard: evaluate_loss(model, examples, counted(shard), batch_size=4, shard=shard)))
-    assert sorted(seen) == list(range(world)) and max(seen.values()) <= -(-23 // world) + 4  # its share (and one padding batch at most)
+    assert sorted(seen) == list(range(world)) and max(seen.values()) <= -(-n // world) + 4  # its share (and one padding batch at most)
     # a different answer is possible: half the examples give another loss
-    assert evaluate_loss(model, examples[:11], collate, batch_size=4)["val_loss"] != pytest.approx(one["val_loss"], rel=1e-4)
+    assert evaluate_loss(model, examples[: n // 2], collate, batch_size=4)["val_loss"] != pytest.approx(one["val_loss"], rel=1e-4)
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_dpo_validation_across_ranks_equals_one_process(sft_dir, world):
+@pytest.mark.parametrize("n, world", [(19, 2), (19, 3), (9, 2)])
+def test_dpo_validation_across_ranks_equals_one_process(sft_dir, n, world):
     model, tokenizer = load_policy(sft_dir).eval(), load_tokenizer(sft_dir)
     with torch.no_grad():  # move the policy off the reference so margins and losses are not trivial
         for p in model.parameters():
             p.add_(torch.randn_like(p), alpha=0.02)
     reference = make_reference(load_policy(sft_dir).eval(), "ternary")
-    examples = tokenize_prefs(make_pref_records(19, seed=4), tokenizer, 16, 32)
+    examples = tokenize_prefs(make_pref_records(n, seed=4), tokenizer, 16, 32)
     collate, cfg = DPOCollator(tokenizer.pad_token_id), DPOConfig()
     one = evaluate_pairs(model, reference, examples, collate, cfg, batch_size=4)
     assert abs(one["val_margin"]) > 1e-3
     assert_same(one, across(world, lambda shard: evaluate_pairs(model, reference, examples, collate, cfg, batch_size=4, shard=shard)), rel=1e-5)
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_reward_model_validation_and_score_stats_across_ranks_equal_one_process(sft_dir, world):
+@pytest.mark.parametrize("n, world", [(21, 2), (21, 3), (9, 2)])
+def test_reward_model_validation_and_score_stats_across_ranks_equal_one_process(sft_dir, n, world):
     model, tokenizer = load_scalar_model(sft_dir, seed=1).eval(), load_tokenizer(sft_dir)
-    examples = tokenize_prefs(make_pref_records(21, seed=5), tokenizer, 16, 32)
+    examples = tokenize_prefs(make_pref_records(n, seed=5), tokenizer, 16, 32)
     collate = PrefCollator(tokenizer.pad_token_id)
-    one = evaluate_rm(model, examples, collate)
-    assert_same(one, across(world, lambda shard: evaluate_rm(model, examples, collate, shard=shard)), rel=1e-5)
-    stats = score_stats(model, examples, collate)
-    assert stats["count"] == 42 and stats["std"] > 1e-4
-    assert_same(stats, across(world, lambda shard: score_stats(model, examples, collate, shard=shard)), rel=1e-5)
+    one = evaluate_rm(model, examples, collate, batch_size=4)
+    assert_same(one, across(world, lambda shard: evaluate_rm(model, examples, collate, 4, shard=shard)), rel=1e-5)
+    stats = score_stats(model, examples, collate, batch_size=4)
+    assert stats["count"] == 2 * n and stats["std"] > 1e-4
+    assert_same(stats, across(world, lambda shard: score_stats(model, examples, collate, 4, shard=shard)), rel=1e-5)
 
 
 class LengthReward:
@@ -128,3 +134,42 @@ def test_ppo_eval_metrics_across_ranks_equal_one_process(world):
     assert one["reward"] == pytest.approx(float(rewards.mean())) and one["reward_std"] == pytest.approx(float(rewards.std()))
     assert one["stop_rate"] == pytest.approx(5 / 8) and one["accuracy"] == pytest.approx(sum(len(c) > 3 for c in completions) / 8)
     assert_same(one, run_ranks(share, world))
+
+
+def test_evaluation_takes_its_share_from_the_running_process_group(sft_dir, monkeypatch):
+    """Without an explicit shard, evaluation asks torch.distributed: as rank 1 of 2 it batches only
+    examples 1, 3, 5, ... (the sum over ranks is stubbed to the identity: one rank's sums)."""
+    import torch.distributed as dist
+
+    model, tokenizer = load_policy(sft_dir).eval(), load_tokenizer(sft_dir)
+    examples = tokenize_sft(make_sft_records(9, seed=3), tokenizer, "prompt_completion", max_length=32)
+    collate, seen = SFTCollator(tokenizer.pad_token_id), []
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "all_reduce", lambda tensor, op=None: None)
+    got = evaluate_loss(model, examples, lambda batch: seen.append(batch) or collate(batch), batch_size=4)
+    assert [len(b) for b in seen] == [4, 4]  # examples 1, 3, 5, 7, then the same batch again as padding
+    assert seen[0] == [examples[i] for i in (1, 3, 5, 7)]
+    assert got == evaluate_loss(model, [examples[i] for i in (1, 3, 5, 7)], collate, batch_size=4, shard=Shard())
+
+
+def test_a_reward_error_on_one_rank_stops_every_rank():
+    """PPO's evaluator scores each rank's share; a reward source failing on rank 1 only must raise on
+    rank 0 too (`agreed`), instead of leaving it waiting in the next all-reduce."""
+    from bitnet_rl.rewards.base import RewardError
+    from bitnet_rl.train.ppo_sampling import agreed
+
+    def score(rank, reduce):
+        def fn():
+            if rank == 1:
+                raise RewardError("demo: non-finite score")
+            return rank
+
+        try:
+            return agreed(fn, Shard(rank, 2, reduce).all_true)
+        except RewardError as err:
+            return str(err)
+
+    assert run_ranks(score, 2) == ["a reward source failed in another process (its error is above); stopping", "demo: non-finite score"]
+    assert run_ranks(lambda rank, reduce: agreed(lambda: rank * 10, Shard(rank, 2, reduce).all_true), 2) == [0, 10]
