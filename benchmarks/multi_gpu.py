@@ -185,7 +185,7 @@ def main(argv=None) -> dict:
                 for n, s in runs for r in [results[("ppo", n, s)]]]  # fmt: skip
         print(f"\nGRPO: {args.prompts} prompts x {args.samples} samples per process, {args.prompt_len} + {args.new_tokens} tokens")
         print(table(["processes", "strategy", "s per iteration", "samples/s", f"vs {runs[0][0]}", "rollout tokens/s", "peak GiB per GPU"], rows))
-        print("\nGRPO phases (s, median over iterations after the first; the slowest rank's, train: rank 0's)")
+        print("\nGRPO phases (s, median over iterations after the first; the slowest rank's)")
         print(table(["processes", "strategy", *(k.split("/")[1] for k in PHASES)], [[n, s, *(results[("ppo", n, s)][k] for k in PHASES)] for n, s in runs]))
     return {f"{c}-{n}-{s}": v for (c, n, s), v in results.items()}
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from bitnet_rl.data.prompts import encode_prompt, load_prompts, rollout_prompt_ids
-from bitnet_rl.distributed.collective import all_ranks, all_reduce_sum, gather_rows, reduce_rollout_stats, skip_grad_sync
+from bitnet_rl.distributed.collective import all_ranks, all_reduce_max, all_reduce_sum, gather_rows, reduce_rollout_stats, skip_grad_sync
 from bitnet_rl.distributed.fsdp import gathered_params
 from bitnet_rl.distributed.reduce import global_explained_variance, loss_denominator, weighted_means
 from bitnet_rl.errors import UserError
@@ -355,7 +355,7 @@ class PPOTrainer:
         t0 = time.perf_counter()
         update_stats = self.update(exp)
         self.kl_ctl.update(stats["kl"], len(exp))
-        record = {"optimizer_step": run.state.step, **stats, **update_stats, "time/train": time.perf_counter() - t0}
+        record = {"optimizer_step": run.state.step, **stats, **update_stats, "time/train": all_reduce_max(self.accelerator, time.perf_counter() - t0)}  # the slowest rank's
         if self.critic is not None:
             record["explained_variance"] = float(global_explained_variance(exp.values, exp.returns, exp.mask, all_reduce_sum(self.accelerator)))
         record["sample"] = completions[0]
