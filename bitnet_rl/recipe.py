@@ -264,7 +264,7 @@ class PPOConfig(Section):
 class DistributedConfig(Section):
     num_processes: int = Field(1, ge=1, description="Worker processes (one per GPU; on CPU, gloo workers); above 1 the command starts them through `accelerate launch` (`--num-processes` overrides).")
     strategy: Literal["ddp", "fsdp2"] = Field("ddp", description="ddp: a full replica per process, gradients all-reduced; fsdp2: parameters, gradients and optimizer state sharded per decoder layer (accelerate's FSDP2 plugin; needs GPUs).")
-    accelerate_config: str | None = Field(None, description="An `accelerate config` YAML file for the launch (multi-node): distributed_type MULTI_GPU, MULTI_CPU or FSDP (with strategy fsdp2); the keys above win where both are set.")
+    accelerate_config: str | None = Field(None, description="An `accelerate config` YAML file for the launch (multi-node): distributed_type MULTI_GPU or FSDP (with strategy fsdp2); the keys above win where both are set.")
 
 
 class CommonSections(Section):

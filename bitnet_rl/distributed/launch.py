@@ -31,8 +31,8 @@ LAUNCHED = "BITNET_RL_LAUNCHED"  # set in every process `--num-processes` starts
 def is_worker(env: Mapping[str, str] = os.environ) -> bool:
     """True inside a process started by torchrun / `accelerate launch` (it must not launch again).
 
-    Besides torchrun's `LOCAL_RANK`, the launcher marks its children: with an accelerate config of
-    type NO or MULTI_CPU, `accelerate launch` starts one plain process without a rank."""
+    Besides torchrun's `LOCAL_RANK`, the launcher marks its children, so a child `accelerate launch`
+    started without a rank (its single-process launcher) never launches again."""
     return "LOCAL_RANK" in env or env.get(LAUNCHED) == "1"
 
 
@@ -66,13 +66,14 @@ def check_strategy(recipe, command: str, gpus: int) -> None:
         )
 
 
-SUPPORTED_TYPES = ("NO", "MULTI_GPU", "MULTI_CPU", "FSDP")
+SUPPORTED_TYPES = ("MULTI_GPU", "FSDP")
 
 
 def check_accelerate_config(path: str, strategy: str) -> None:
     """UserErrors for an `accelerate config` file this package cannot run: missing or unreadable,
-    a `distributed_type` other than DDP or FSDP (DeepSpeed, Megatron-LM, ...), or FSDP while the
-    recipe says `distributed.strategy: ddp` (the recipe's FSDP2 settings are the ones applied)."""
+    a `distributed_type` other than MULTI_GPU (DDP) or FSDP (NO and MULTI_CPU make accelerate start
+    one plain process; DeepSpeed, Megatron-LM, ...), or FSDP while the recipe says
+    `distributed.strategy: ddp` (the recipe's FSDP2 settings are the ones applied)."""
     import yaml
 
     where = f"distributed.accelerate_config={path}"
@@ -85,6 +86,8 @@ def check_accelerate_config(path: str, strategy: str) -> None:
     if not isinstance(data, dict):
         raise UserError(f"{where}: not an accelerate config (a mapping of keys, as `accelerate config` writes)")
     kind = str(data.get("distributed_type", "NO")).upper()
+    if kind in ("NO", "MULTI_CPU"):  # accelerate starts one plain process for these: the run would silently use 1
+        raise UserError(f"{where}: distributed_type {kind} starts a single process; on CPU use --num-processes N (gloo workers) without a config file")
     if kind not in SUPPORTED_TYPES:
         raise UserError(f"{where}: distributed_type {kind} is not supported; use MULTI_GPU (DDP) or distributed.strategy: fsdp2")
     if kind == "FSDP" and strategy != "fsdp2":

@@ -98,6 +98,8 @@ def test_each_worker_builds_its_model_on_its_own_gpu(monkeypatch):
         ("distributed_type: FSDP\nfsdp_config:\n  fsdp_version: 1\n", "distributed_type FSDP needs distributed.strategy=fsdp2"),
         ("distributed_type: [MULTI_GPU\n", "not a readable YAML or JSON file"),
         ("- MULTI_GPU\n", "not an accelerate config"),
+        ("distributed_type: MULTI_CPU\nnum_processes: 2\n", "distributed_type MULTI_CPU starts a single process"),  # it ran 1, silently
+        ("compute_environment: LOCAL_MACHINE\n", "distributed_type NO starts a single process"),
     ],
 )
 def test_unusable_accelerate_config_is_one_line_exit_2(tmp_path, monkeypatch, text, message):
