@@ -107,6 +107,8 @@ class Run:
         check_worker_env(recipe.distributed.strategy)  # also in workers a user started with `accelerate launch`
         check_strategy(recipe, command, torch.cuda.device_count() if torch.cuda.is_available() else 0)
         self.accelerator = make_accelerator(recipe, self.out)
+        if self.accelerator.num_processes != recipe.distributed.num_processes:  # e.g. counted by an accelerate config file
+            recipe.distributed.num_processes = self.accelerator.num_processes  # recipe.json records what ran
         self.state = LoopState()  # optimizer steps, data position, tokens
         self.iteration = 0  # stage steps done (SFT/DPO/RM: = state.step; PPO: iterations)
         self.trained: list[Trained] = []

@@ -28,6 +28,8 @@ from bitnet_rl.recipe import RewardSpec, load_recipe
 sys.path.insert(0, str(Path(__file__).parent))
 from harness import GROUP, launch, rl_recipe  # noqa: E402
 
+from bitnet_rl.distributed.launch import free_port  # noqa: E402
+
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -99,6 +101,20 @@ def test_sft_with_summed_token_loss_two_processes_match_one_process(tmp_path):
             assert _close(x[key], y[key], key=key), (key, x["step"], x[key], y[key])
     assert a[1]["loss"] > 20  # a sum over the batch's tokens, not a mean
 
+
+
+def test_an_accelerate_config_file_sets_the_process_count(tmp_path):
+    """`distributed.accelerate_config` with `num_processes: 2` and no --num-processes: the file's
+    count starts 2 workers, which train the global batch and record the count in recipe.json."""
+    config = tmp_path / "acc.yaml"
+    config.write_text(f"distributed_type: MULTI_GPU\nnum_processes: 2\nnum_machines: 1\nmain_process_port: {free_port()}\n")
+    steps = ["train.max_steps=1", "data.demo_size=100", "logging.progress=false", "checkpoint.every=0", "train.batch_size=4"]
+    cmd = [sys.executable, "-m", "bitnet_rl.cli", "sft", "recipes/tiny/sft.yaml", *steps, f"distributed.accelerate_config={config}", "--out", str(tmp_path / "o")]
+    done = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert json.loads((tmp_path / "o" / "recipe.json").read_text())["distributed"]["num_processes"] == 2
+    one, = [r for r in _metrics(tmp_path / "o") if r["step"] == 1]
+    assert one["tokens"] > 0 and done.stdout.count("saved ") == 1
 
 def test_checkpoint_of_two_processes_resumes_in_one(sft_runs, tmp_path):
     from bitnet_rl.train.sft import run_sft
