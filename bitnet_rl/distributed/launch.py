@@ -158,13 +158,11 @@ def maybe_launch(recipe, command: str, flag_value: int | None, argv: Sequence[st
 
     Returns the workers' exit code, or None when this process should train itself.
     """
-    import torch
-
     dist = recipe.distributed
     num_processes = flag_value if flag_value is not None else dist.num_processes
     if is_worker():
         return None
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    gpus = visible_gpus()
     check_launch(recipe, command, num_processes, gpus)
     if num_processes == 1 and dist.accelerate_config is None:
         return None
@@ -173,6 +171,13 @@ def maybe_launch(recipe, command: str, flag_value: int | None, argv: Sequence[st
     count = num_processes if explicit or dist.accelerate_config is None else None  # else the config file's
     cmd = launch_command(command_argv, count, recipe.train.mixed_precision, dist.accelerate_config, free_port())
     return subprocess.run(cmd, env=worker_env(os.environ, cuda=gpus > 0)).returncode
+
+
+def visible_gpus() -> int:
+    """How many CUDA devices this process sees (0 without CUDA)."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def process_device() -> str:

@@ -10,6 +10,7 @@ whose results are dropped.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -54,3 +55,11 @@ def shard_batches(n: int, batch_size: int, rank: int = 0, world: int = 1) -> lis
     batches = [(mine[start : start + batch_size], False) for start in range(0, len(mine), batch_size)]
     filler = batches[0][0] if batches else [0]
     return batches + [(filler, True)] * (count - len(batches)) if n else []
+
+
+def shard_loader(
+    examples: Sequence[Any], collate: Callable[[list[Any]], dict[str, torch.Tensor]], batch_size: int, shard: Shard, device: torch.device | str
+) -> Iterator[tuple[dict[str, torch.Tensor], bool]]:
+    """`(batch, is_padding)` for each of this rank's `shard_batches`: collated and moved to `device`."""
+    for rows, padding in shard_batches(len(examples), batch_size, shard.rank, shard.world):
+        yield {k: v.to(device) for k, v in collate([examples[i] for i in rows]).items()}, padding

@@ -21,7 +21,7 @@ from bitnet_rl.data.prefs import PrefCollator, model_pref_examples
 from bitnet_rl.data.sft import train_val_split
 from bitnet_rl.data.tokenizer import pad_id
 from bitnet_rl.distributed.launch import process_device
-from bitnet_rl.distributed.shards import Shard, process_shard, shard_batches
+from bitnet_rl.distributed.shards import Shard, process_shard, shard_loader
 from bitnet_rl.lora.apply import DisabledAdapterView, apply_lora
 from bitnet_rl.models.build import build_policy
 from bitnet_rl.models.forward import token_logprobs
@@ -116,8 +116,7 @@ def evaluate_pairs(
     shard = shard or process_shard(device)
     sums = torch.zeros(4, dtype=torch.float64)  # Σ loss·n, Σ margin·n, Σ accuracy·n, Σ n
     loss_fn = dpo_loss_fn(cfg, reference)
-    for rows, padding in shard_batches(len(examples), batch_size, shard.rank, shard.world):
-        batch = {k: v.to(device) for k, v in collate([examples[i] for i in rows]).items()}
+    for batch, padding in shard_loader(examples, collate, batch_size, shard, device):
         losses, stats, _ = loss_fn(model, batch)
         if not padding:
             n = batch["chosen_input_ids"].shape[0]

@@ -22,7 +22,7 @@ from bitnet_rl.data.sft import train_val_split
 from bitnet_rl.data.tokenizer import pad_id
 from bitnet_rl.distributed.launch import process_device
 from bitnet_rl.distributed.reduce import global_masked_moments
-from bitnet_rl.distributed.shards import Shard, process_shard, shard_batches
+from bitnet_rl.distributed.shards import Shard, process_shard, shard_loader
 from bitnet_rl.errors import UserError
 from bitnet_rl.models.build import resolve_dtype, resolve_model_dir
 from bitnet_rl.models.io import load_tokenizer
@@ -66,8 +66,7 @@ def all_pair_scores(model: nn.Module, examples: list[dict], collate, batch_size:
     device = next(model.parameters()).device
     shard = shard or process_shard(device)
     chosen_all, rejected_all = [torch.zeros(0)], [torch.zeros(0)]
-    for rows, padding in shard_batches(len(examples), batch_size, shard.rank, shard.world):
-        batch = {k: v.to(device) for k, v in collate([examples[i] for i in rows]).items()}
+    for batch, padding in shard_loader(examples, collate, batch_size, shard, device):
         chosen, rejected = pair_scores(model, batch)
         if not padding:
             chosen_all.append(chosen.float().cpu())

@@ -33,7 +33,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from bitnet_rl.distributed.collective import all_reduce_max, main_then_wait
-from bitnet_rl.distributed.launch import check_strategy, check_worker_env
+from bitnet_rl.distributed.launch import check_strategy, check_worker_env, visible_gpus
 from bitnet_rl.distributed.fsdp import check_uniform_dtypes, full_model_state, full_optimizer_state, gathered_params, load_optimizer_state
 from bitnet_rl.lora.apply import finish_lora
 from bitnet_rl.models.convert import enable_checkpointing
@@ -105,7 +105,7 @@ class Run:
     def __init__(self, recipe: CommonSections, command: str) -> None:
         self.recipe, self.command, self.out = recipe, command, Path(recipe.out)
         check_worker_env(recipe.distributed.strategy)  # also in workers a user started with `accelerate launch`
-        check_strategy(recipe, command, torch.cuda.device_count() if torch.cuda.is_available() else 0)
+        check_strategy(recipe, command, visible_gpus())
         self.accelerator = make_accelerator(recipe, self.out)
         if self.accelerator.num_processes != recipe.distributed.num_processes:  # e.g. counted by an accelerate config file
             recipe.distributed.num_processes = self.accelerator.num_processes  # recipe.json records what ran

@@ -22,7 +22,7 @@ from bitnet_rl.data.prompts import context_length
 from bitnet_rl.data.sft import IGNORE_INDEX, SFTCollator, pack_examples, tokenize_sft, train_val_split
 from bitnet_rl.data.tokenizer import pad_id
 from bitnet_rl.distributed.launch import process_device
-from bitnet_rl.distributed.shards import Shard, process_shard, shard_batches
+from bitnet_rl.distributed.shards import Shard, process_shard, shard_loader
 from bitnet_rl.models.build import build_policy
 from bitnet_rl.models.io import prompt_format_of, set_prompt_format
 from bitnet_rl.recipe import Recipe
@@ -71,8 +71,7 @@ def evaluate_loss(model: nn.Module, examples: list[dict], collate, batch_size: i
     device = next(model.parameters()).device
     shard = shard or process_shard(device)
     sums = torch.zeros(2, dtype=torch.float64)  # Σ token losses, Σ tokens
-    for rows, padding in shard_batches(len(examples), batch_size, shard.rank, shard.world):
-        batch = {k: v.to(device) for k, v in collate([examples[i] for i in rows]).items()}
+    for batch, padding in shard_loader(examples, collate, batch_size, shard, device):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
         losses, mask = token_losses(logits, batch["labels"])
         if not padding:
