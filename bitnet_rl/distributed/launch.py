@@ -143,14 +143,25 @@ def launch_command(command_argv: Sequence[str], num_processes: int | None, mixed
     return cmd + ([f"distributed.num_processes={num_processes}"] if num_processes is not None else [])
 
 
-def worker_env(base: Mapping[str, str], cuda: bool) -> dict[str, str]:
+def worker_env(base: Mapping[str, str], cuda: bool, workers: int = 1, cpus: int | None = None) -> dict[str, str]:
     """The workers' environment: `base`, NVLink multicast off, the launched mark, CPU workers (gloo)
-    without CUDA, one torch thread per worker unless OMP_NUM_THREADS is set."""
+    without CUDA, and unless OMP_NUM_THREADS is set, this machine's `cpus` shared out among the
+    `workers` as torch threads (at least 1 each).
+
+    Not torchrun's default of 1 thread: on 2 H200s (32 cores) GRPO workers with 1 thread each
+    took 3.3 s and 4.6 s for the updates of the first two iterations, 16 threads each 1.8 s and
+    1.2 s (the steady state, reached from the third iteration with either).
+    """
     env = {**base, **MULTICAST_OFF, LAUNCHED: "1"}
     if not cuda:
         env["ACCELERATE_USE_CPU"] = "true"
-    env.setdefault("OMP_NUM_THREADS", "1")
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (cpus or usable_cpus()) // max(workers, 1))))
     return env
+
+
+def usable_cpus() -> int:
+    """The CPU cores this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def maybe_launch(recipe, command: str, flag_value: int | None, argv: Sequence[str] | None = None) -> int | None:
@@ -170,7 +181,8 @@ def maybe_launch(recipe, command: str, flag_value: int | None, argv: Sequence[st
     explicit = flag_value is not None or "num_processes" in dist.model_fields_set
     count = num_processes if explicit or dist.accelerate_config is None else None  # else the config file's
     cmd = launch_command(command_argv, count, recipe.train.mixed_precision, dist.accelerate_config, free_port())
-    return subprocess.run(cmd, env=worker_env(os.environ, cuda=gpus > 0)).returncode
+    workers = count or gpus or 1  # an accelerate config file's count: one worker per visible GPU, the usual layout
+    return subprocess.run(cmd, env=worker_env(os.environ, cuda=gpus > 0, workers=workers)).returncode
 
 
 def visible_gpus() -> int:

@@ -35,8 +35,9 @@ def test_worker_env_turns_multicast_off_and_picks_gloo_on_cpu():
     assert all(env[k] == v for k, v in MULTICAST_OFF.items())
     assert env["NCCL_NVLS_ENABLE"] == "0" and env["TORCH_SYMM_MEM_DISABLE_MULTICAST"] == "1" and env["NVSHMEM_DISABLE_NVLS"] == "1"
     assert env["ACCELERATE_USE_CPU"] == "true" and env["OMP_NUM_THREADS"] == "3" and env["PATH"] == "/bin"
-    gpu = worker_env({}, cuda=True)
-    assert "ACCELERATE_USE_CPU" not in gpu and gpu["OMP_NUM_THREADS"] == "1" and gpu["NCCL_NVLS_ENABLE"] == "0"
+    gpu = worker_env({}, cuda=True, workers=2, cpus=32)  # the cores shared out, not torchrun's 1 thread
+    assert "ACCELERATE_USE_CPU" not in gpu and gpu["OMP_NUM_THREADS"] == "16" and gpu["NCCL_NVLS_ENABLE"] == "0"
+    assert worker_env({}, cuda=True, workers=4, cpus=2)["OMP_NUM_THREADS"] == "1"  # never 0
     assert is_worker({"LOCAL_RANK": "0"}) and not is_worker({})
     # a child `accelerate launch` starts without a rank (config type NO / MULTI_CPU) is a worker too
     assert env["BITNET_RL_LAUNCHED"] == "1" and is_worker({"BITNET_RL_LAUNCHED": "1"})
