@@ -21,7 +21,7 @@ from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora.layer import LoraLayer
 
 from bitnet_rl.errors import UserError
-from bitnet_rl.lora.layer import PreQuantLoraLinear, clear_weight_cache
+from bitnet_rl.lora.layer import PreQuantLoraLinear
 from bitnet_rl.quant.bitlinear import BitLinear
 
 POST_QUANT_WARNING = (
@@ -73,7 +73,7 @@ def _set_adapters(model: nn.Module, enabled: bool) -> None:
     for _, layer in lora_layers(model):
         layer.enable_adapters(enabled)
         if not enabled and isinstance(layer, PreQuantLoraLinear):
-            clear_weight_cache(layer.get_base_layer())
+            layer.get_base_layer().clear_weight_cache()
 
 
 @contextmanager
@@ -125,7 +125,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
     for name, layer in layers:
         layer.merge()
         base = layer.get_base_layer()
-        clear_weight_cache(base) if isinstance(base, BitLinear) else None
+        base.clear_weight_cache() if isinstance(base, BitLinear) else None
         model.set_submodule(name, base)
     for param in model.parameters():
         param.requires_grad_(True)

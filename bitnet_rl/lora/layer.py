@@ -36,13 +36,6 @@ def bitlinear_with_weight(base: BitLinear, x: torch.Tensor, weight: torch.Tensor
     return F.linear(x, ste_blend(weight, q, base.lam), base.bias)
 
 
-def clear_weight_cache(base: BitLinear) -> None:
-    """Drop `base`'s cached Q(W): peft merges through `weight.data`, which the cache's version key cannot see."""
-    cache = getattr(base, "_weight_cache", None)
-    if cache is not None:
-        cache.clear()
-
-
 class PreQuantLoraLinear(PeftLoraLinear):
     """peft's LoRA `Linear` whose adapter enters BitLinear's weight before Q (registered as a custom module)."""
 
@@ -84,8 +77,8 @@ class PreQuantLoraLinear(PeftLoraLinear):
 
     def merge(self, safe_merge: bool = False, adapter_names=None) -> None:
         super().merge(safe_merge=safe_merge, adapter_names=adapter_names)
-        clear_weight_cache(self.get_base_layer())
+        self.get_base_layer().clear_weight_cache()  # peft merges through `weight.data`, which the cache's key cannot see
 
     def unmerge(self) -> None:
         super().unmerge()
-        clear_weight_cache(self.get_base_layer())
+        self.get_base_layer().clear_weight_cache()  # peft merges through `weight.data`, which the cache's key cannot see

@@ -39,7 +39,7 @@ from bitnet_rl.lora.apply import finish_lora
 from bitnet_rl.models.convert import enable_checkpointing
 from bitnet_rl.models.forward import compile_decoder_layers
 from bitnet_rl.models.io import save_checkpoint
-from bitnet_rl.quant.bitlinear import set_lambda
+from bitnet_rl.quant.bitlinear import clear_quantized_weights, set_lambda
 from bitnet_rl.quant.health import code_snapshot, ternary_health
 from bitnet_rl.recipe import CommonSections
 from bitnet_rl.train.loop import (
@@ -174,6 +174,7 @@ class Run:
             if index == 0:
                 stats = {"grad_norm": float(norm), "lr": trained.scheduler.get_last_lr()[0]}
             trained.optimizer.step()
+            clear_quantized_weights(self.accelerator.unwrap_model(trained.model))  # Q(W) once per step, of the new weights
             if trained.scheduler is not None:
                 trained.scheduler.step()
             trained.optimizer.zero_grad(set_to_none=True)

@@ -1,5 +1,5 @@
-"""Worker of the FSDP2 loop tests (`accelerate launch fsdp_worker.py sft:RECIPE.json ppo:RECIPE.json ...`): the SFT
-loop or the PPO trainer with the policy sharded by torch's `fully_shard` (per decoder layer, then
+"""Worker of the FSDP2 loop tests (`accelerate launch fsdp_worker.py sft:RECIPE.json ppo:RECIPE.json ...`): the SFT,
+DPO or RM loop or the PPO trainer with the policy sharded by torch's `fully_shard` (per decoder layer, then
 the root) where accelerate's FSDP2 plugin would shard it on GPUs (accelerate runs CPU workers with
 DDP only). PPO samples row-seeded (row_seeded.py)."""
 
@@ -17,6 +17,8 @@ import bitnet_rl.train.loop as loop  # noqa: E402
 import bitnet_rl.train.run as run_module  # noqa: E402
 import bitnet_rl.train.ppo as ppo  # noqa: E402
 from bitnet_rl.recipe import Recipe  # noqa: E402
+from bitnet_rl.train.dpo import run_dpo  # noqa: E402
+from bitnet_rl.train.rm import run_rm  # noqa: E402
 from bitnet_rl.train.sft import run_sft  # noqa: E402
 
 make_accelerator = loop.make_accelerator
@@ -41,8 +43,8 @@ make_generator = ppo.make_generator
 for job in sys.argv[1:]:  # sft:RECIPE.json or ppo:RECIPE.json, in turn
     stage, spec = job.split(":", 1)
     recipe = Recipe.model_validate(json.loads(Path(spec).read_text()))
-    if stage == "sft":
-        run_sft(recipe)
+    if stage in ("sft", "dpo", "rm"):
+        {"sft": run_sft, "dpo": run_dpo, "rm": run_rm}[stage](recipe)
     else:
         ppo.make_generator = make_generator
         row_seeded.patch(recipe.ppo.samples_per_prompt)

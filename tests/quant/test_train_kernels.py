@@ -30,6 +30,23 @@ def test_weight_cache_follows_optimizer_steps():
     assert torch.equal(layer.quantized_weight(), quantize_weight(layer.weight))
 
 
+def test_weight_cache_cannot_see_a_refill_in_place_so_the_trainer_clears_it():
+    """FSDP2 refills the unsharded weight a forward reads in place, at the same address, without a
+    version bump (here: through `.data`): the cache's key misses it, `clear_quantized_weights`
+    (called by the trainer after every optimizer step) does not."""
+    from bitnet_rl.quant.bitlinear import clear_quantized_weights
+
+    torch.manual_seed(2)
+    model = torch.nn.Sequential(BitLinear(32, 16), BitLinear(16, 8))
+    stale = [m.quantized_weight() for m in model]
+    for module in model:
+        module.weight.data.copy_(-module.weight.detach())
+    assert all(m.quantized_weight() is s for m, s in zip(model, stale))  # the key cannot tell
+    clear_quantized_weights(model)
+    for module in model:
+        assert torch.equal(module.quantized_weight(), quantize_weight(module.weight))
+
+
 def test_weight_cache_keeps_the_straight_through_gradient():
     torch.manual_seed(1)
     layer = BitLinear(24, 8, lam=0.5)
