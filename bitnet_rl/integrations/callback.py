@@ -3,7 +3,8 @@
 Every optimizer step (`on_step_begin`, before the first micro-batch of the accumulation cycle,
 so generation in GRPO/RLOO also sees it) the callback sets λ = `lambda_at(global_step, ...)` on
 every BitLinear of the trained model: step 0 is the first update, exactly as in bitnet-rl's
-own loop. Every time the trainer logs, it adds, under the `bitnet/` prefix:
+own loop. It also drops each BitLinear's cached Q(W), as bitnet-rl's loop does after every
+optimizer step, since under FSDP the cache's key cannot see the update (`clear_quantized_weights`). Every time the trainer logs, it adds, under the `bitnet/` prefix:
 - `bitnet/lambda`: the λ of the update just made (the log's `step` counts updates done, so this
   is `lambda_at(step - 1)`, the same pairing as bitnet-rl's metrics.jsonl);
 - `bitnet/frac_neg|frac_zero|frac_pos|mean_scale|weight_std`: ternary health (`quant.health`);
@@ -22,7 +23,7 @@ import torch
 from transformers import TrainerCallback
 
 from bitnet_rl.errors import UserError
-from bitnet_rl.quant.bitlinear import bitlinear_modules, set_lambda
+from bitnet_rl.quant.bitlinear import bitlinear_modules, clear_quantized_weights, set_lambda
 from bitnet_rl.quant.health import code_snapshot, ternary_health
 from bitnet_rl.quant.schedule import SCHEDULES, lambda_at
 
@@ -84,3 +85,4 @@ class BitNetCallback(TrainerCallback):
     def _set(self, model, step: int) -> None:
         self.lam = self.lambda_at(step)
         set_lambda(model, self.lam)
+        clear_quantized_weights(model)  # Q(W) of the weights this step trains (FSDP refills weights unseen by the cache)

@@ -148,3 +148,20 @@ def test_grpo_trainer_reward_rises(tokenizer, tmp_path, reward_fn):
     print(f"{reward_fn.__name__}: held-out sampled reward {before:.3f} -> {after:.3f}; "
           f"train reward {logs[0]['reward']:.3f} -> {logs[-1]['reward']:.3f}")  # fmt: skip
     assert after > before + 0.15
+
+
+def test_callback_drops_cached_quantized_weights_each_step(tokenizer):
+    """Under FSDP a trainer refills weights in place where the Q(W) cache's key cannot see it; the
+    callback clears the cache at every step, as bitnet-rl's own loop does after each update."""
+    from bitnet_rl.quant.bitlinear import bitlinear_modules, quantize_weight
+
+    model = tiny_prepared(tokenizer, lam=1.0)
+    layers = [m for _, m in bitlinear_modules(model)]
+    stale = [m.quantized_weight() for m in layers]
+    for module in layers:
+        module.weight.data.copy_(-module.weight.detach())  # same storage, same version counter
+    assert all(m.quantized_weight() is s for m, s in zip(layers, stale))
+    from transformers import TrainerState
+
+    BitNetCallback().on_step_begin(None, TrainerState(global_step=3), None, model=model)
+    assert all(torch.equal(m.quantized_weight(), quantize_weight(m.weight, m.granularity, m.group_size)) for m in layers)
