@@ -148,9 +148,11 @@ def worker_env(base: Mapping[str, str], cuda: bool, workers: int = 1, cpus: int 
     without CUDA, and unless OMP_NUM_THREADS is set, this machine's `cpus` shared out among the
     `workers` as torch threads (at least 1 each).
 
-    Not torchrun's default of 1 thread: on 2 H200s (32 cores) GRPO workers with 1 thread each
-    took 3.3 s and 4.6 s for the updates of the first two iterations, 16 threads each 1.8 s and
-    1.2 s (the steady state, reached from the third iteration with either).
+    Not torchrun's default of 1 thread per worker, which leaves a GPU machine's cores idle: on 2
+    H200s (32 cores) GRPO workers with 1 thread each spent 3.3 s and 4.6 s in the updates of the
+    first two iterations, with 16 threads each 1.8 s and 1.2 s, and 1.2-1.4 s from the third
+    iteration on either way (one A/B, the 16-thread run second on the same machine, so with a warm
+    Triton cache: the thread count alone is not isolated).
     """
     env = {**base, **MULTICAST_OFF, LAUNCHED: "1"}
     if not cuda:
