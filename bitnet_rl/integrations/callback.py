@@ -4,7 +4,8 @@ Every optimizer step (`on_step_begin`, before the first micro-batch of the accum
 so generation in GRPO/RLOO also sees it) the callback sets λ = `lambda_at(global_step, ...)` on
 every BitLinear of the trained model: step 0 is the first update, exactly as in bitnet-rl's
 own loop. It also drops each BitLinear's cached Q(W), as bitnet-rl's loop does after every
-optimizer step, since under FSDP the cache's key cannot see the update (`clear_quantized_weights`). Every time the trainer logs, it adds, under the `bitnet/` prefix:
+optimizer step, since under FSDP the cache's key cannot see the update
+(`clear_quantized_weights`). Every time the trainer logs, it adds, under the `bitnet/` prefix:
 - `bitnet/lambda`: the λ of the update just made (the log's `step` counts updates done, so this
   is `lambda_at(step - 1)`, the same pairing as bitnet-rl's metrics.jsonl);
 - `bitnet/frac_neg|frac_zero|frac_pos|mean_scale|weight_std`: ternary health (`quant.health`);

@@ -169,8 +169,9 @@ class BitLinear(nn.Linear):
 
     def clear_weight_cache(self) -> None:
         """Forget the cached Q(W); the next forward quantizes the weight again."""
-        if self._weight_cache is not None:
-            self._weight_cache.clear()
+        cache = getattr(self, "_weight_cache", None)
+        if cache is not None:
+            cache.clear()
 
     def effective_weight(self) -> torch.Tensor:
         if self.lam == 0.0:
