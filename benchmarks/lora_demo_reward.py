@@ -26,7 +26,7 @@ TINY = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "nu
 
 def heldout_reward(model_or_dir, tokenizer, n: int = 256) -> float:
     from bitnet_rl.data.demo import make_prompts
-    from bitnet_rl.eval.task import sample, task_metrics
+    from bitnet_rl.eval.task import sample, score_samples, task_metrics
     from bitnet_rl.models.io import load_policy
     from bitnet_rl.rewards import load_reward
     from bitnet_rl.rollout import make_generator
@@ -34,7 +34,7 @@ def heldout_reward(model_or_dir, tokenizer, n: int = 256) -> float:
     policy = load_policy(model_or_dir).eval() if isinstance(model_or_dir, (str, Path)) else model_or_dir.eval()
     generator = make_generator(policy, "policy", max_batch_size=n, max_seq_len=48)
     drawn = sample(generator, tokenizer, make_prompts(n, seed=11), 12, temperature=0.0, seed=3, batch_size=n)
-    return task_metrics(drawn, load_reward(REWARD))["reward"]
+    return task_metrics(drawn, score_samples(drawn, load_reward(REWARD)))["reward"]
 
 
 def sft(out: Path, steps: int) -> Path:

@@ -67,13 +67,13 @@ def score_samples(samples: Samples, reward) -> torch.Tensor:
 
 
 def task_metrics(
-    samples: Samples, reward, correct_fn: Callable[[str, str], bool] | None = None, all_reduce: AllReduce = local_only, scores: torch.Tensor | None = None
+    samples: Samples, rewards: torch.Tensor, correct_fn: Callable[[str, str], bool] | None = None, all_reduce: AllReduce = local_only
 ) -> dict[str, float]:
     """Mean reward (and its unbiased std), accuracy when a checker is given, mean length and stop rate.
 
-    With `all_reduce` (the sum over ranks, `distributed.reduce`), `samples` are this rank's share
-    and the metrics are those of all ranks' samples together. `scores`: `score_samples`, if done."""
-    rewards = score_samples(samples, reward) if scores is None else scores
+    `rewards`: the samples' scores (`score_samples`). With `all_reduce` (the sum over ranks,
+    `distributed.reduce`), `samples` are this rank's share and the metrics are those of all ranks'
+    samples together."""
     mean, var, count = global_masked_moments(rewards, torch.ones_like(rewards), all_reduce)
     correct = sum(correct_fn(p, c) for p, c in zip(samples.prompts, samples.completions)) if correct_fn is not None else 0
     lengths = sum(len(c) for c in samples.completion_ids)

@@ -54,6 +54,6 @@ def make_evaluator(recipe: Recipe, tokenizer, reward, generator, prompts: list[A
         mine = prompts[shard.rank :: shard.world]
         drawn = sample(generator, tokenizer, mine, recipe.rollout.max_new_tokens, temperature=0.0, batch_size=batch, chat=chat)
         scores = agreed(lambda: score_samples(drawn, reward), shard.all_true)  # a reward error stops every rank
-        return {f"eval/{k}": v for k, v in task_metrics(drawn, reward, correct, shard.all_reduce, scores=scores).items()}
+        return {f"eval/{k}": v for k, v in task_metrics(drawn, scores, correct, shard.all_reduce).items()}
 
     return evaluate

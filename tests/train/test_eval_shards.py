@@ -118,7 +118,7 @@ class LengthReward:
 def test_ppo_eval_metrics_across_ranks_equal_one_process(world):
     """`task_metrics` on each rank's share of the samples (prompts[rank::world], as the PPO
     evaluator draws them; a rank may have none) with the sums all-reduced."""
-    from bitnet_rl.eval.task import Samples, task_metrics
+    from bitnet_rl.eval.task import Samples, score_samples, task_metrics
 
     completions = [" ".join("x" * (i % 4 + 1)) for i in range(8)]
     reasons = ["stop" if i % 3 else "length" for i in range(8)]
@@ -127,9 +127,9 @@ def test_ppo_eval_metrics_across_ranks_equal_one_process(world):
 
     def share(rank, reduce):
         part = Samples(*(getattr(samples, f)[rank::world] for f in ("prompts", "prompt_ids", "completion_ids", "completions", "finish_reasons")))
-        return task_metrics(part, LengthReward(), correct, reduce)
+        return task_metrics(part, score_samples(part, LengthReward()), correct, reduce)
 
-    one = task_metrics(samples, LengthReward(), correct)
+    one = task_metrics(samples, score_samples(samples, LengthReward()), correct)
     rewards = torch.tensor([len(c) / 10 for c in completions], dtype=torch.float64)
     assert one["reward"] == pytest.approx(float(rewards.mean())) and one["reward_std"] == pytest.approx(float(rewards.std()))
     assert one["stop_rate"] == pytest.approx(5 / 8) and one["accuracy"] == pytest.approx(sum(len(c) > 3 for c in completions) / 8)

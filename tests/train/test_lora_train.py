@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from bitnet_rl.data.demo import make_prompts
-from bitnet_rl.eval.task import sample, task_metrics
+from bitnet_rl.eval.task import sample, score_samples, task_metrics
 from bitnet_rl.models.io import load_policy, load_tokenizer
 from bitnet_rl.quant.health import code_snapshot
 from bitnet_rl.rewards import load_reward
@@ -26,7 +26,7 @@ def heldout_reward(model_dir, n=512, temperature=1.0) -> float:
     policy = load_policy(model_dir).eval()
     generator = make_generator(policy, "packed", max_batch_size=128, max_seq_len=64)
     drawn = sample(generator, load_tokenizer(model_dir), make_prompts(n, seed=11), 12, temperature=temperature, seed=3, batch_size=128)
-    return task_metrics(drawn, load_reward(REWARD))["reward"]
+    return task_metrics(drawn, score_samples(drawn, load_reward(REWARD)))["reward"]
 
 
 def rows(out):

@@ -7,7 +7,7 @@ import torch
 
 from bitnet_rl.data.demo import make_prompts
 from bitnet_rl.errors import UserError
-from bitnet_rl.eval.task import sample, task_metrics
+from bitnet_rl.eval.task import sample, score_samples, task_metrics
 from bitnet_rl.models.io import load_policy, load_tokenizer
 from bitnet_rl.recipe import Recipe, validate
 from bitnet_rl.rewards import RewardError, load_reward
@@ -58,7 +58,7 @@ def heldout_sampled_reward(model_dir) -> float:
     tokenizer = load_tokenizer(model_dir)
     generator = make_generator(policy, "packed", max_batch_size=128, max_seq_len=64)
     drawn = sample(generator, tokenizer, make_prompts(256, seed=11), 12, temperature=1.0, seed=3, batch_size=128)
-    return task_metrics(drawn, load_reward(REWARD))["reward"]
+    return task_metrics(drawn, score_samples(drawn, load_reward(REWARD)))["reward"]
 
 
 @pytest.mark.slow
