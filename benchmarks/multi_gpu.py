@@ -176,6 +176,7 @@ def main(argv=None) -> dict:
             if command not in args.commands:
                 continue
             results[(command, n, strategy)] = summarize(command, run_command(command, recipe, n, work, args.timeout), args.warmup)
+            print(json.dumps({"command": command, "processes": n, "strategy": strategy, **results[(command, n, strategy)]}), flush=True)
     where = "CPU (gloo), tiny model" if args.tiny else f"{torch.cuda.get_device_name()}, 2B4T shape, {args.layers} layers"
     if "sft" in args.commands:
         base = results[("sft", *runs[0])]["tokens_per_s"]

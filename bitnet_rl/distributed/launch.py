@@ -11,6 +11,7 @@ never launch again. On a machine without CUDA the workers run on CPU over gloo
 from __future__ import annotations
 
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -121,10 +122,35 @@ def strip_flag(argv: Sequence[str], flag: str = FLAG) -> list[str]:
     return out
 
 
-def free_port() -> int:
-    """A TCP port free right now on this host (so concurrent launches do not collide on 29500)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+def ephemeral_ports(path: str = "/proc/sys/net/ipv4/ip_local_port_range") -> tuple[int, int]:
+    """The range the OS hands out for outgoing connections and `bind(0)` (Linux: from `path`;
+    elsewhere, and when unreadable, the IANA range 49152-65535)."""
+    try:
+        low, high = (int(x) for x in Path(path).read_text().split())
+        return low, high
+    except (OSError, ValueError):
+        return 49152, 65535
+
+
+def free_port(tries: int = 64) -> int:
+    """A TCP port free right now on this host, drawn at random below the ephemeral range.
+
+    Not `bind(0)`, whose ephemeral port the OS may hand to another socket (NCCL's, another
+    launch's) before the launched TCP store listens on it: on a 4-GPU host two concurrent launches
+    failed that way (EADDRINUSE). Ports below the range are only taken by explicit binds, and a
+    random draw keeps concurrent launchers apart (not torchrun's fixed 29500)."""
+    low = min(ephemeral_ports()[0], 65536)
+    rng = random.SystemRandom()
+    for _ in range(tries if low > 20001 else 0):
+        port = rng.randrange(20000, low)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as sock:  # no free port there: fall back to the OS's choice
+        sock.bind(("", 0))
         return int(sock.getsockname()[1])
 
 

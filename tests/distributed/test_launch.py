@@ -1,12 +1,14 @@
 """`--num-processes` and the recipe's `distributed:` section: the launch command, the workers'
 environment, and one-line errors (exit 2) before any worker starts."""
 
+import socket
 import sys
 
 import pytest
 from typer.testing import CliRunner
 
 from bitnet_rl.cli import app
+from bitnet_rl.distributed import launch
 from bitnet_rl.distributed.launch import MULTICAST_OFF, is_worker, launch_command, strip_flag, worker_env
 
 runner = CliRunner()
@@ -153,3 +155,17 @@ def test_a_worker_started_without_the_cli_launcher_checks_the_strategy(tmp_path,
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     with pytest.raises(UserError, match="accelerate launch turned on FSDP"):
         Run(load_recipe(None, [f"out={tmp_path / 'o'}"], stage="sft"), "sft")
+
+
+def test_free_port_is_bindable_and_outside_the_ephemeral_range(tmp_path):
+    low, high = launch.ephemeral_ports()
+    ports = {launch.free_port() for _ in range(20)}
+    assert len(ports) > 1  # drawn at random, not one fixed port that concurrent launches share
+    for port in ports:
+        assert (20000 <= port < low) if low > 20001 else (low <= port <= high)
+        with socket.socket() as sock:
+            sock.bind(("", port))  # free: the launched TCP store can listen on it
+    ranges = tmp_path / "range"
+    ranges.write_text("1024\t65000\n")
+    assert launch.ephemeral_ports(str(ranges)) == (1024, 65000)
+    assert launch.ephemeral_ports(str(tmp_path / "missing")) == (49152, 65535)
