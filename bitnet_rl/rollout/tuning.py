@@ -61,6 +61,12 @@ class Tuner:
         self.attention_tiles[b] = results[0][1] if results else {}
         return results
 
+    def reset_graphs(self) -> None:
+        """Drop every captured graph and their memory pool (the next use captures again, into a new
+        pool: capturing into the pool of destroyed graphs trips the caching allocator)."""
+        self.graphs.clear()
+        self._pool = None
+
     def graph(self, key, b: int, model, max_seq_len: int, step: Callable[[], None]) -> torch.cuda.CUDAGraph:
         """The graph `key` of a decode step for bucket `b`: tuned (tiles, attention) and captured on first use."""
         graph = self.graphs.get(key)

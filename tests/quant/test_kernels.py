@@ -15,6 +15,20 @@ pytestmark = [
 SHAPES_2B4T = [(2560, 3840), (2560, 2560), (2560, 640), (2560, 13824), (6912, 2560)]
 ODD_SHAPES = [(64, 48), (200, 40), (384, 130)]
 ROWS = [1, 16, 64, 300]
+# kernel launches (quant/kernels/triton_gdc.py): one after another, or with programmatic dependent
+# launch (the default on Hopper; the dp4a GEMV then prefetches its weight tiles)
+LAUNCH_VARIANTS = {"off": {"BITNET_RL_PDL": "0"}, "pdl": {"BITNET_RL_PDL": "1"}}
+
+
+@pytest.fixture
+def launch_variant(request, monkeypatch):
+    for key, value in LAUNCH_VARIANTS[request.param].items():
+        monkeypatch.setenv(key, value)
+    if request.param == "pdl":
+        from bitnet_rl.quant.kernels.backend import use_pdl
+
+        assert use_pdl(torch.zeros(1, device="cuda")) == (torch.cuda.get_device_capability()[0] >= 9)
+    return request.param
 
 
 def packed(n, k, granularity="per_tensor", group=128, bias=False, seed=0):
@@ -44,8 +58,9 @@ def test_int32_exact(m, k, n, granularity):
     assert torch.equal(got, expected)
 
 
+@pytest.mark.parametrize("launch_variant", list(LAUNCH_VARIANTS), indirect=True)
 @pytest.mark.parametrize("k,n", [(2560, 640), (6912, 2560)])
-def test_every_candidate_config_exact(k, n):
+def test_every_candidate_config_exact(k, n, launch_variant):
     """Every tile and split-K factor `tune` may pick is exact: with unit scales the float32
     output (split-K partials added with atomics) is the integer sum itself."""
     from bitnet_rl.quant.kernels import triton_w2a8
@@ -142,7 +157,8 @@ def tiny_bitnet():
     return model.eval()
 
 
-def test_generator_gpu_greedy_equals_cpu_reference():
+@pytest.mark.parametrize("launch_variant", ["off", "pdl"], indirect=True)
+def test_generator_gpu_greedy_equals_cpu_reference(launch_variant):
     from bitnet_rl.rollout import PackedGenerator
 
     model = tiny_bitnet()
@@ -193,7 +209,8 @@ def test_generator_token_logprobs_gpu_equal_cpu_reference():
     torch.testing.assert_close(gpu.token_logprobs(ids).cpu(), cpu.token_logprobs(ids), rtol=1e-4, atol=1e-4)
 
 
-def test_generator_greedy_in_graph_equals_eager_with_stops():
+@pytest.mark.parametrize("launch_variant", ["off", "pdl"], indirect=True)
+def test_generator_greedy_in_graph_equals_eager_with_stops(launch_variant):
     """Greedy decoding captured with its argmax and bookkeeping (`rollout/loop.py`) equals the
     eager loop, also when rows stop at different steps and the batch compacts into smaller buckets."""
     from bitnet_rl.rollout import PackedGenerator

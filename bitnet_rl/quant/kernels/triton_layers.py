@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from bitnet_rl.quant.kernels.triton_gdc import pdl_options, wait_for_previous_kernel
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 if not INTERPRET:
     from triton.language.extra.cuda import libdevice
@@ -59,7 +61,9 @@ def _norm_quant_kernel(
     ROUND_BF16: tl.constexpr,
     USE_LIBDEVICE: tl.constexpr,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_previous_kernel(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < D
@@ -129,6 +133,7 @@ def norm_quant(
         USE_LIBDEVICE=not INTERPRET,
         BLOCK=block,
         num_warps=_row_warps(block),
+        **pdl_options(inp),
     )
 
 
@@ -167,9 +172,11 @@ def _decode_attention_kernel(
     ROUND_BF16: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """One program per (row, kv head): the GROUP query heads sharing that kv head are the rows
     of one dot, so each cached key/value is read once per row."""
+    wait_for_previous_kernel(PDL)
     row = tl.program_id(0)
     kv_head = tl.program_id(1)
     group: tl.constexpr = N_HEADS // N_KV_HEADS
@@ -271,4 +278,5 @@ def decode_attention(
         UPCAST_DOT=INTERPRET,
         num_warps=num_warps,
         num_stages=num_stages,
+        **pdl_options(qkv),
     )

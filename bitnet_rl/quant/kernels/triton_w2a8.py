@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from bitnet_rl.quant.kernels.triton_gdc import pdl_options, wait_for_previous_kernel
 from bitnet_rl.quant.pack import KERNEL_CHUNK, KERNEL_PLANE
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -76,7 +77,9 @@ def _w2a8_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_KB: tl.constexpr,
     USE_ASM: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_previous_kernel(PDL)
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -161,6 +164,20 @@ def _dp4a(a, b, c, USE_ASM: tl.constexpr):
 
 
 @triton.jit
+def _gemv_tile(acc, w, x_rows, cols, c_mask, m_mask, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, USE_ASM: tl.constexpr):
+    """`acc (BLOCK_M, BLOCK_N, BLOCK_KW)` += the dp4a products of weight words `w (BLOCK_N, BLOCK_KW)`
+    at word columns `cols` with the matching activation words of the 4 bit planes."""
+    x_word0 = (cols // 8) * 32 + (cols % 8)
+    for s in tl.static_range(4):
+        xw = tl.load(x_rows + (x_word0 + 8 * s)[None, :], mask=m_mask[:, None] & c_mask[None, :], other=0)
+        codes = (w >> (2 * s)) & 0x03030303
+        a = tl.broadcast_to(codes[None, :, :], (BLOCK_M, BLOCK_N, BLOCK_KW))
+        b = tl.broadcast_to(xw[:, None, :], (BLOCK_M, BLOCK_N, BLOCK_KW))
+        acc = _dp4a(a, b, acc, USE_ASM)
+    return acc
+
+
+@triton.jit
 def _w2a8_gemv_kernel(
     x_ptr, xdq_ptr, xsum_ptr,  # int32 words of int8 activations (M, K/4)
     w_ptr, wdq_ptr, bias_ptr,  # int32 words of packed bytes (N, KB/4)
@@ -174,12 +191,19 @@ def _w2a8_gemv_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_KW: tl.constexpr,
     USE_ASM: tl.constexpr,
+    PREFETCH: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Decode GEMV for M ≤ 4 on the CUDA cores: one 32-bit word of packed weights holds four
     bytes = four k values per bit plane; `(w >> 2s) & 0x03030303` yields them as four unsigned
     bytes, and one dp4a multiplies them with the four matching int8 activations (one int32
     word of x: byte lane l of chunk c and plane s is k = 128c + 32s + l, so lanes 4i … 4i+3 are
     4 consecutive k). Three instructions per four weights, no shared memory, no barriers.
+
+    PREFETCH (on with PDL) loads each weight tile one step ahead, the first before waiting on the
+    previous kernel: weights are never written while decoding, so that load overlaps the
+    previous kernel's tail. (The prefetch without PDL timed 0.99-1.01x on an H200.) The integer
+    sums are the same either way.
     """
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -189,18 +213,20 @@ def _w2a8_gemv_kernel(
     m_mask = offs_m < M
     w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
     x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
+    if PREFETCH:
+        w = tl.load(w_rows + offs_w[None, :], mask=n_mask[:, None] & (offs_w < KW)[None, :], other=0)
+    wait_for_previous_kernel(PDL)
     acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_KW), dtype=tl.int32)
     for start in range(0, KW, BLOCK_KW):
         cols = start + offs_w
         c_mask = cols < KW
-        w = tl.load(w_rows + cols[None, :], mask=n_mask[:, None] & c_mask[None, :], other=0)
-        x_word0 = (cols // 8) * 32 + (cols % 8)
-        for s in tl.static_range(4):
-            xw = tl.load(x_rows + (x_word0 + 8 * s)[None, :], mask=m_mask[:, None] & c_mask[None, :], other=0)
-            codes = (w >> (2 * s)) & 0x03030303
-            a = tl.broadcast_to(codes[None, :, :], (BLOCK_M, BLOCK_N, BLOCK_KW))
-            b = tl.broadcast_to(xw[:, None, :], (BLOCK_M, BLOCK_N, BLOCK_KW))
-            acc = _dp4a(a, b, acc, USE_ASM)
+        if PREFETCH:
+            tile = w
+            ahead = cols + BLOCK_KW
+            w = tl.load(w_rows + ahead[None, :], mask=n_mask[:, None] & (ahead < KW)[None, :], other=0)
+        else:
+            tile = tl.load(w_rows + cols[None, :], mask=n_mask[:, None] & c_mask[None, :], other=0)
+        acc = _gemv_tile(acc, tile, x_rows, cols, c_mask, m_mask, BLOCK_M, BLOCK_N, BLOCK_KW, USE_ASM)
     total = tl.sum(acc, axis=2)  # (BLOCK_M, BLOCK_N)
     x_sum = tl.load(xsum_ptr + offs_m, mask=m_mask, other=0)
     total = total - x_sum[:, None]
@@ -372,6 +398,7 @@ def launch(
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
+    meta.update(pdl_options(x_int8))
     try:
         _w2a8_kernel[grid](*args, USE_ASM=use_asm, **meta)
     except Exception as err:
@@ -405,6 +432,7 @@ def _launch_dp4a(x_int8, act_dequant, act_sum, weight, out, config: Config, *, i
     if use_asm is None:
         use_asm = x_int8.is_cuda and not INTERPRET
     bias = weight.bias if weight.bias is not None else act_dequant
+    pdl = pdl_options(x_int8)
     _w2a8_gemv_kernel[(triton.cdiv(n, config.block_n),)](
         x_words, act_dequant, act_sum,
         w_words, weight.dequant, bias,
@@ -418,8 +446,10 @@ def _launch_dp4a(x_int8, act_dequant, act_sum, weight, out, config: Config, *, i
         BLOCK_M=triton.next_power_of_2(m),
         BLOCK_KW=config.block_kb,
         USE_ASM=use_asm,
+        PREFETCH=pdl["PDL"],
         num_warps=config.num_warps,
         num_stages=config.num_stages,
+        **pdl,
     )
     return out
 
