@@ -5,9 +5,9 @@
 One `PackedGenerator` on the 2B4T shape (random weights, greedy, prompt 128, no stop tokens), its
 tiles tuned once. For each batch size and variant the decode graphs are captured again and one
 `generate` call is timed (ms/token = (total − prefill-only call) / (new − 1), as generate.py):
-- off: `BITNET_RL_PDL=0`, the kernels launched one after another;
-- pdl: `BITNET_RL_PDL=1` (the default), PDL on every Triton kernel, the dp4a GEMV's weight tiles
-  loaded one step ahead, the first before the wait.
+- off: the generator's `KernelTuner.pdl` False, the kernels launched one after another;
+- pdl: `pdl` True (the default), PDL on every Triton kernel, the dp4a GEMV's weight tiles loaded
+  one step ahead, the first before the wait.
 The variants run in turn `--rounds` times (round-robin, so drift hits them alike); the table gives
 the median per variant, the ratio to off, and the share of rows whose greedy tokens equal off's
 first run (the lowest over rounds; off's own later rounds give the floor: on random weights
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import types
@@ -32,12 +31,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import table  # noqa: E402
 from generate import build_policy, timed  # noqa: E402
 
-VARIANTS = {"off": {"BITNET_RL_PDL": "0"}, "pdl": {"BITNET_RL_PDL": "1"}}
+VARIANTS = {"off": False, "pdl": True}
 
 
 def set_variant(gen, name: str) -> None:
-    """Switch the environment to `name` and drop the captured graphs (they hold the old launches)."""
-    os.environ.update(VARIANTS[name])
+    """Switch the generator's kernels to `name` and drop the captured graphs (they hold the old launches)."""
+    gen.tuner.kernels.pdl = VARIANTS[name]
     gen.greedy_graphs.clear()
     gen.tuner.reset_graphs()
     torch.cuda.synchronize()
@@ -88,7 +87,6 @@ def main(argv=None) -> None:
                 if args.jsonl:
                     with open(args.jsonl, "a") as f:
                         f.write(json.dumps(line) + "\n")
-    os.environ.pop("BITNET_RL_PDL", None)
     rows = []
     for b in batches:
         base = statistics.median(results[(b, "off")]["ms"])

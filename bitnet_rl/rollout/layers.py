@@ -41,19 +41,21 @@ def norm_quant(
     gated: bool = False,
     act: str = "relu2",
     triton: bool = True,
+    pdl: bool = False,
 ) -> None:
     """`[act(gate)·up] → [residual += ·] → [RMSNorm] → int8` for each row of `inp`.
 
     `inp` may be float32 (matmul outputs); it is first rounded to the activation `dtype`.
     With `residual`, the sum is written back into it and normalized. `triton=False` forces the
-    torch reference on CUDA (for tests comparing the two).
+    torch reference on CUDA (for tests comparing the two); `pdl` launches the Triton kernel with
+    programmatic dependent launch where supported.
     """
     if use_triton(inp, triton):
         from bitnet_rl.quant.kernels import triton_layers
 
         triton_layers.norm_quant(
             inp, x_int8, act_dequant, act_sum, residual=residual, norm_weight=norm_weight, eps=eps,
-            gated=gated, act=act, round_bf16=dtype == torch.bfloat16,
+            gated=gated, act=act, round_bf16=dtype == torch.bfloat16, pdl=pdl,
         )
         return
     a = inp.to(dtype)
@@ -106,7 +108,8 @@ def norm_quant_linear(
     act_sum)`, of which the first `weight.in_features` columns are used). With `residual`, the sum
     `residual + ·` is written back into it, as in `norm_quant`."""
     x_int8 = quant[0][:, : weight.in_features]
-    norm_quant(inp, x_int8, quant[1], quant[2], dtype=dtype, residual=residual, norm_weight=norm_weight, eps=eps, gated=gated, act=act)
+    pdl = tuner is not None and tuner.pdl
+    norm_quant(inp, x_int8, quant[1], quant[2], dtype=dtype, residual=residual, norm_weight=norm_weight, eps=eps, gated=gated, act=act, pdl=pdl)
     linear(x_int8, quant[1], quant[2], weight, out, tuner)
 
 
@@ -129,6 +132,7 @@ def decode_attention(
     num_warps: int = 4,
     num_stages: int = 3,
     triton: bool = True,
+    pdl: bool = False,
 ) -> None:
     """Attention for one new token per row at its own position `positions[i]` (ragged rows).
 
@@ -142,7 +146,7 @@ def decode_attention(
         triton_layers.decode_attention(
             qkv, k_cache, v_cache, slots, positions, cos, sin, out, n_heads=n_heads, n_kv_heads=n_kv_heads,
             head_dim=head_dim, scale=scale, round_bf16=dtype == torch.bfloat16, block_n=block_n, num_warps=num_warps,
-            num_stages=num_stages,
+            num_stages=num_stages, pdl=pdl,
         )
         return
     b = qkv.shape[0]

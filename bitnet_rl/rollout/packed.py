@@ -62,6 +62,7 @@ class PackedGenerator:
         cuda_graphs: bool,
         autotune: bool,
         prefill_tokens: int,
+        pdl: bool = True,
     ) -> None:
         self.arch = arch
         self.max_batch_size = max_batch_size
@@ -70,7 +71,7 @@ class PackedGenerator:
         self.dtype = dtype
         self.use_triton = use_triton(torch.empty(0, device=device))
         self.cuda_graphs = cuda_graphs and self.use_triton
-        self.tuner = Tuner(autotune=autotune and self.use_triton)
+        self.tuner = Tuner(autotune=autotune and self.use_triton, pdl=pdl)
         self.prefill_tokens = prefill_tokens
         self.poll_every = 8 if device.type == "cuda" else 1
         self.outs: Outputs | None = None  # static output rows (`rollout/loop.py`), allocated on first use
@@ -89,11 +90,14 @@ class PackedGenerator:
         cuda_graphs: bool = True,
         autotune: bool = True,
         prefill_tokens: int = 16384,
+        pdl: bool = True,
     ) -> "PackedGenerator":
         """Allocate every buffer for `policy`'s shapes and pack its current weights.
 
         `device` defaults to the policy's; `dtype` (embeddings, norms, lm_head, KV cache) to
         bf16 on CUDA and float32 elsewhere. `prefill_tokens` bounds the rows of one prefill pass.
+        `pdl`: the Triton kernels launch with programmatic dependent launch where the GPU supports
+        it (Hopper and newer; same tokens, batch-1 decode 1.07x on an H200); `False` turns it off.
         """
         arch = inspect_policy(policy)
         device = torch.device(device) if device is not None else next(policy.parameters()).device
@@ -103,7 +107,7 @@ class PackedGenerator:
             raise UserError(f"rollout dtype must be bfloat16 or float32, got {dtype}")
         gen = cls(
             arch, max_batch_size=max_batch_size, max_seq_len=max_seq_len, device=device, dtype=dtype,
-            cuda_graphs=cuda_graphs, autotune=autotune, prefill_tokens=prefill_tokens,
+            cuda_graphs=cuda_graphs, autotune=autotune, prefill_tokens=prefill_tokens, pdl=pdl,
         )
         gen.model = PackedModel(arch, policy, device=device, dtype=dtype, max_seq_len=max_seq_len)
         cache_shape = (arch.n_layers, max_batch_size, arch.n_kv_heads, max_seq_len, arch.head_dim)

@@ -21,9 +21,9 @@ ATTENTION_TILES = ((32, 4, 3), (64, 4, 3), (64, 4, 2), (128, 4, 2), (128, 8, 2),
 
 
 class Tuner:
-    def __init__(self, *, autotune: bool) -> None:
+    def __init__(self, *, autotune: bool, pdl: bool = True) -> None:
         self.autotune = autotune
-        self.kernels = KernelTuner(autotune=autotune)
+        self.kernels = KernelTuner(autotune=autotune, pdl=pdl)
         self.attention_tiles: dict[int, dict] = {}  # bucket → Triton attention tile
         self.graphs: dict = {}  # key (bucket, or the generator's (bucket, variant)) → captured graph
         self._pool = None
@@ -52,7 +52,7 @@ class Tuner:
         results = []
         for block_n, warps, stages in ATTENTION_TILES:
             tile = dict(block_n=block_n, num_warps=warps, num_stages=stages)
-            run = lambda: decode_attention(qkv, k_cache, v_cache, slots, positions, model.cos, model.sin, out, **attention_kwargs(model), **tile)  # noqa: E731
+            run = lambda: decode_attention(qkv, k_cache, v_cache, slots, positions, model.cos, model.sin, out, **attention_kwargs(model), **tile, pdl=self.kernels.pdl)  # noqa: E731
             try:
                 results.append((1e3 * time_graph(run), tile))
             except Exception:  # a tile that needs more shared memory than the GPU has is skipped

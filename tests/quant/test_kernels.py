@@ -17,18 +17,7 @@ ODD_SHAPES = [(64, 48), (200, 40), (384, 130)]
 ROWS = [1, 16, 64, 300]
 # kernel launches (quant/kernels/triton_gdc.py): one after another, or with programmatic dependent
 # launch (the default on Hopper; the dp4a GEMV then prefetches its weight tiles)
-LAUNCH_VARIANTS = {"off": {"BITNET_RL_PDL": "0"}, "pdl": {"BITNET_RL_PDL": "1"}}
-
-
-@pytest.fixture
-def launch_variant(request, monkeypatch):
-    for key, value in LAUNCH_VARIANTS[request.param].items():
-        monkeypatch.setenv(key, value)
-    if request.param == "pdl":
-        from bitnet_rl.quant.kernels.backend import use_pdl
-
-        assert use_pdl(torch.zeros(1, device="cuda")) == (torch.cuda.get_device_capability()[0] >= 9)
-    return request.param
+PDL = pytest.mark.parametrize("pdl", [False, True], ids=["launch", "pdl"])
 
 
 def packed(n, k, granularity="per_tensor", group=128, bias=False, seed=0):
@@ -58,9 +47,9 @@ def test_int32_exact(m, k, n, granularity):
     assert torch.equal(got, expected)
 
 
-@pytest.mark.parametrize("launch_variant", list(LAUNCH_VARIANTS), indirect=True)
+@PDL
 @pytest.mark.parametrize("k,n", [(2560, 640), (6912, 2560)])
-def test_every_candidate_config_exact(k, n, launch_variant):
+def test_every_candidate_config_exact(k, n, pdl):
     """Every tile and split-K factor `tune` may pick is exact: with unit scales the float32
     output (split-K partials added with atomics) is the integer sum itself."""
     from bitnet_rl.quant.kernels import triton_w2a8
@@ -72,7 +61,7 @@ def test_every_candidate_config_exact(k, n, launch_variant):
         expected = w2a8_matmul_ref(q, dq, pw, int_only=True).float()
         out = torch.empty((m, n), device="cuda")
         for config in triton_w2a8.candidates(m, n, pw.packed.shape[1], False):
-            triton_w2a8.launch(q, torch.ones_like(dq), s, pw, out, config)
+            triton_w2a8.launch(q, torch.ones_like(dq), s, pw, out, config, pdl=pdl)
             assert torch.equal(out, expected), config
 
 
@@ -157,15 +146,15 @@ def tiny_bitnet():
     return model.eval()
 
 
-@pytest.mark.parametrize("launch_variant", ["off", "pdl"], indirect=True)
-def test_generator_gpu_greedy_equals_cpu_reference(launch_variant):
+@PDL
+def test_generator_gpu_greedy_equals_cpu_reference(pdl):
     from bitnet_rl.rollout import PackedGenerator
 
     model = tiny_bitnet()
     prompts = [[5, 6, 7, 8, 9], [10, 11, 12], [3, 4, 5, 6, 7, 8, 9, 10, 11], [40]]
     cpu = PackedGenerator.from_model(model, max_batch_size=8, max_seq_len=64)
     expected = cpu.generate(prompts, max_new_tokens=24, temperature=0, stop_token_ids=())
-    gpu = PackedGenerator.from_model(model, max_batch_size=8, max_seq_len=64, device="cuda", dtype=torch.float32)
+    gpu = PackedGenerator.from_model(model, max_batch_size=8, max_seq_len=64, device="cuda", dtype=torch.float32, pdl=pdl)
     got = gpu.generate(prompts, max_new_tokens=24, temperature=0, stop_token_ids=())
     assert torch.equal(got.completion_ids.cpu(), expected.completion_ids)
     torch.testing.assert_close(got.logprobs_t1.cpu(), expected.logprobs_t1, rtol=1e-4, atol=1e-4)
@@ -209,15 +198,15 @@ def test_generator_token_logprobs_gpu_equal_cpu_reference():
     torch.testing.assert_close(gpu.token_logprobs(ids).cpu(), cpu.token_logprobs(ids), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("launch_variant", ["off", "pdl"], indirect=True)
-def test_generator_greedy_in_graph_equals_eager_with_stops(launch_variant):
+@PDL
+def test_generator_greedy_in_graph_equals_eager_with_stops(pdl):
     """Greedy decoding captured with its argmax and bookkeeping (`rollout/loop.py`) equals the
     eager loop, also when rows stop at different steps and the batch compacts into smaller buckets."""
     from bitnet_rl.rollout import PackedGenerator
 
     model = tiny_bitnet().cuda()
     prompts = [[5, 6, 7, 8, 9], [10, 11, 12], [40], [3, 4], [7, 7, 7], [9]]
-    kw = dict(max_batch_size=8, max_seq_len=64, dtype=torch.float32, autotune=False)
+    kw = dict(max_batch_size=8, max_seq_len=64, dtype=torch.float32, autotune=False, pdl=pdl)
     graphs = PackedGenerator.from_model(model, **kw)
     eager = PackedGenerator.from_model(model, cuda_graphs=False, **kw)
     free = eager.generate(prompts, max_new_tokens=30, temperature=0, stop_token_ids=())

@@ -9,14 +9,15 @@ import torch
 from bitnet_rl.quant.kernels.backend import use_pdl
 
 
-def test_pdl_is_off_on_cpu_and_when_turned_off(monkeypatch):
-    monkeypatch.delenv("BITNET_RL_PDL", raising=False)
-    assert not use_pdl(torch.zeros(1))  # CPU tensors never launch Triton kernels
+def test_pdl_is_off_on_cpu_and_when_not_wanted():
+    from bitnet_rl.quant.kernels.tuner import KernelTuner
+
+    assert KernelTuner().pdl  # wanted by default
+    assert not use_pdl(torch.zeros(1), True)  # CPU tensors never launch Triton kernels
     if torch.cuda.is_available():
         cuda = torch.zeros(1, device="cuda")
-        assert use_pdl(cuda) == (torch.cuda.get_device_capability()[0] >= 9)  # on by default where supported
-        monkeypatch.setenv("BITNET_RL_PDL", "0")
-        assert not use_pdl(cuda)
+        assert use_pdl(cuda, True) == (torch.cuda.get_device_capability()[0] >= 9)  # where the GPU supports it
+        assert not use_pdl(cuda, False)
 
 
 GEMV_SIGNATURE = {

@@ -30,8 +30,6 @@ def use_triton(t: torch.Tensor, allowed: bool = True) -> bool:
     return allowed and t.is_cuda and triton_available()
 
 
-PDL_ENV = "BITNET_RL_PDL"
-
 
 @functools.cache
 def pdl_supported(device_index: int) -> bool:
@@ -48,16 +46,13 @@ def pdl_supported(device_index: int) -> bool:
     return True
 
 
-def use_pdl(t: torch.Tensor) -> bool:
-    """Whether the Triton kernels working on `t` launch with programmatic dependent launch (PDL).
+def use_pdl(t: torch.Tensor, wanted: bool) -> bool:
+    """Whether the Triton kernels working on `t` launch with programmatic dependent launch (PDL):
+    `wanted` (the owning `KernelTuner`'s `pdl`, on by default) and a GPU and Triton that support it.
 
     With PDL a kernel may start while the one before it in the stream is still finishing: it
     runs what does not depend on that kernel (a GEMV's first weight tile) and then waits
     (`griddepcontrol.wait`) until the earlier kernel's writes are visible, so the results are
     the same and launch gaps inside the decode graph shrink (batch-1 decode 1.07x on an H200).
-    On wherever the GPU supports it; `BITNET_RL_PDL=0` turns it off (read per call, so one
-    process can compare both; graphs captured before a change keep their launches).
     """
-    import os
-
-    return os.environ.get(PDL_ENV, "1") != "0" and t.is_cuda and pdl_supported(t.device.index or 0)
+    return wanted and t.is_cuda and pdl_supported(t.device.index or 0)

@@ -6,8 +6,8 @@ residual stream, the KV cache), it calls `gdc_wait`, which returns once the prev
 completed and its writes are visible; then `gdc_launch_dependents` lets the next kernel start
 early in turn. Weights are never written during decoding, so a kernel may load them before the
 wait (`_w2a8_gemv_kernel` with PREFETCH). Without the launch attribute both instructions are
-no-ops. Hopper or newer (`backend.use_pdl` decides), CUDA graphs keep the dependency as a
-programmatic edge.
+no-ops. Hopper or newer (`backend.use_pdl` decides, from the owning `KernelTuner`'s `pdl`);
+CUDA graphs keep the dependency as a programmatic edge.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def wait_for_previous_kernel(PDL: tl.constexpr):
         tl.extra.cuda.gdc_launch_dependents()
 
 
-def pdl_options(t: torch.Tensor) -> dict:
-    """The `PDL` constexpr and launch option for a kernel working on `t` (empty launch options
+def pdl_options(t: torch.Tensor, wanted: bool) -> dict:
+    """The `PDL` constexpr and launch option for a kernel working on `t` (no launch option
     without PDL, so Triton versions without `launch_pdl` never see the keyword)."""
-    return {"PDL": True, "launch_pdl": True} if use_pdl(t) else {"PDL": False}
+    return {"PDL": True, "launch_pdl": True} if use_pdl(t, wanted) else {"PDL": False}

@@ -113,8 +113,10 @@ def norm_quant(
     gated: bool = False,
     act: str = "relu2",
     round_bf16: bool = False,
+    pdl: bool = False,
 ) -> None:
-    """Quantize rows of `inp` `(M, D)` (`(M, 2D)` = gate|up when `gated`) into the given outputs."""
+    """Quantize rows of `inp` `(M, D)` (`(M, 2D)` = gate|up when `gated`) into the given outputs
+    (`pdl`: launched with programmatic dependent launch where supported)."""
     m = inp.shape[0]
     d = inp.shape[1] // 2 if gated else inp.shape[1]
     block = triton.next_power_of_2(d)
@@ -133,7 +135,7 @@ def norm_quant(
         USE_LIBDEVICE=not INTERPRET,
         BLOCK=block,
         num_warps=_row_warps(block),
-        **pdl_options(inp),
+        **pdl_options(inp, pdl),
     )
 
 
@@ -258,6 +260,7 @@ def decode_attention(
     block_n: int = 64,
     num_warps: int = 4,
     num_stages: int = 3,
+    pdl: bool = False,
 ) -> None:
     """One decode step of attention for rows `qkv (b, (H + 2·Hkv)·hd)`; caches `(Bmax, Hkv, S, hd)`."""
     b = qkv.shape[0]
@@ -278,5 +281,5 @@ def decode_attention(
         UPCAST_DOT=INTERPRET,
         num_warps=num_warps,
         num_stages=num_stages,
-        **pdl_options(qkv),
+        **pdl_options(qkv, pdl),
     )

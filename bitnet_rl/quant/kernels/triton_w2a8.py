@@ -354,18 +354,22 @@ def launch(
     int_only: bool = False,
     use_asm: bool | None = None,
     tuner=None,
+    pdl: bool | None = None,
 ) -> torch.Tensor:
     """Run the kernel with `config` into `out` `(M, N)` (zeroed here first when split-K).
 
     Inline-PTX unpacking is used unless `use_asm=False` or `tuner.use_asm` is off; if this Triton
     cannot build it, the kernel falls back to plain shifts and switches `tuner.use_asm` off.
+    Programmatic dependent launch follows `pdl`, by default `tuner.pdl` (off without a tuner).
     """
+    if pdl is None:
+        pdl = tuner is not None and tuner.pdl
     m = x_int8.shape[0]
     n, kb = weight.packed.shape
     mode = weight.dequant.dim()
     if config.kind == "dp4a":
         if _dp4a_ok(x_int8, weight):
-            return _launch_dp4a(x_int8, act_dequant, act_sum, weight, out, config, int_only=int_only, use_asm=use_asm)
+            return _launch_dp4a(x_int8, act_dequant, act_sum, weight, out, config, int_only=int_only, use_asm=use_asm, pdl=pdl)
         config = select_config(max(m, DP4A_MAX_M + 1), n, kb, bool(weight.group_size), x_int8.device)
     if config.split_k > 1 and out.dtype not in (torch.float32, torch.int32):
         config = dataclasses.replace(config, split_k=1)  # split-K adds partials with float32/int32 atomics
@@ -398,7 +402,7 @@ def launch(
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
-    meta.update(pdl_options(x_int8))
+    meta.update(pdl_options(x_int8, pdl))
     try:
         _w2a8_kernel[grid](*args, USE_ASM=use_asm, **meta)
     except Exception as err:
@@ -424,7 +428,7 @@ def _dp4a_ok(x_int8: torch.Tensor, weight) -> bool:
     )
 
 
-def _launch_dp4a(x_int8, act_dequant, act_sum, weight, out, config: Config, *, int_only: bool, use_asm: bool | None) -> torch.Tensor:
+def _launch_dp4a(x_int8, act_dequant, act_sum, weight, out, config: Config, *, int_only: bool, use_asm: bool | None, pdl: bool) -> torch.Tensor:
     m = x_int8.shape[0]
     n = weight.packed.shape[0]
     x_words = x_int8[:, : weight.in_features].view(torch.int32)
@@ -432,7 +436,7 @@ def _launch_dp4a(x_int8, act_dequant, act_sum, weight, out, config: Config, *, i
     if use_asm is None:
         use_asm = x_int8.is_cuda and not INTERPRET
     bias = weight.bias if weight.bias is not None else act_dequant
-    pdl = pdl_options(x_int8)
+    options = pdl_options(x_int8, pdl)
     _w2a8_gemv_kernel[(triton.cdiv(n, config.block_n),)](
         x_words, act_dequant, act_sum,
         w_words, weight.dequant, bias,
@@ -446,10 +450,10 @@ def _launch_dp4a(x_int8, act_dequant, act_sum, weight, out, config: Config, *, i
         BLOCK_M=triton.next_power_of_2(m),
         BLOCK_KW=config.block_kb,
         USE_ASM=use_asm,
-        PREFETCH=pdl["PDL"],
+        PREFETCH=options["PDL"],
         num_warps=config.num_warps,
         num_stages=config.num_stages,
-        **pdl,
+        **options,
     )
     return out
 

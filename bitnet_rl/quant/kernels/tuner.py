@@ -5,7 +5,9 @@ globals. The first call for a `(row class, N, packed K, per-group)` shape times 
 tile of `triton_w2a8.candidates` as CUDA-graph replays and keeps the fastest; without tuning
 (`autotune=False`) the heuristic `select_config` tile runs, the same tile every time, which
 makes runs with and without graphs do identical arithmetic. `use_asm` records whether the
-inline-PTX unpack builds on this Triton (switched off by the first failing launch).
+inline-PTX unpack builds on this Triton (switched off by the first failing launch); `pdl`
+whether the kernels run for this tuner's owner launch with programmatic dependent launch
+(`triton_gdc.py`; only where the GPU supports it).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 class KernelTuner:
     autotune: bool = True
     use_asm: bool = True
+    pdl: bool = True
     configs: dict = field(default_factory=dict)  # (m_class, N, KB, group) → triton_w2a8.Config
 
     @staticmethod
@@ -36,7 +39,7 @@ class KernelTuner:
 
     def tune(self, weight, m: int, *, verbose: bool = False) -> list:
         """Time every candidate for `weight` at `m` rows and keep the fastest; `(µs, config)` list."""
-        results = time_candidates(weight, m, verbose=verbose, use_asm=None if self.use_asm else False)
+        results = time_candidates(weight, m, verbose=verbose, use_asm=None if self.use_asm else False, pdl=self.pdl)
         if results:
             self.configs[self.key(m, *weight.packed.shape, bool(weight.group_size))] = results[0][1]
         return results
@@ -78,7 +81,7 @@ def rotating_copies(weight, budget_bytes: int = 256 << 20, cap: int = 64) -> lis
     return [weight.clone() for _ in range(count)]
 
 
-def time_candidates(weight, m: int, *, verbose: bool = False, use_asm: bool | None = None) -> list:
+def time_candidates(weight, m: int, *, verbose: bool = False, use_asm: bool | None = None, pdl: bool = False) -> list:
     """Time every candidate for `weight` at `m` rows (CUDA graphs, weights rotated past L2).
     Returns `(µs per call, config)`, fastest first (the caller keeps the winner)."""
     n, kb = weight.packed.shape
@@ -95,7 +98,7 @@ def time_candidates(weight, m: int, *, verbose: bool = False, use_asm: bool | No
     for config in candidates(m, n, kb, group):
         def run(c=config):
             for w in weights:
-                launch(x, xdq, xsum, w, out, c, use_asm=use_asm)
+                launch(x, xdq, xsum, w, out, c, use_asm=use_asm, pdl=pdl)
 
         try:
             ms = time_graph(run) / len(weights)
