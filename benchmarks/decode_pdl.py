@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 from common import table  # noqa: E402
-from generate import build_policy, timed  # noqa: E402
+from generate import build_policy, decode_ms, time_greedy  # noqa: E402
 
 VARIANTS = {"off": False, "pdl": True}
 
@@ -37,17 +37,13 @@ VARIANTS = {"off": False, "pdl": True}
 def set_variant(gen, name: str) -> None:
     """Switch the generator's kernels to `name` and drop the captured graphs (they hold the old launches)."""
     gen.tuner.kernels.pdl = VARIANTS[name]
-    gen.greedy_graphs.clear()
-    gen.tuner.reset_graphs()
+    gen.reset_graphs()
     torch.cuda.synchronize()
 
 
 def measure(gen, prompts: list[list[int]], new_tokens: int) -> tuple[float, torch.Tensor]:
-    kw = dict(temperature=0, stop_token_ids=())
-    gen.generate(prompts, max_new_tokens=4, **kw)  # captures this bucket's graphs
-    prefill_s, _ = timed(lambda: gen.generate(prompts, max_new_tokens=1, **kw), gen.device)
-    total_s, out = timed(lambda: gen.generate(prompts, max_new_tokens=new_tokens, **kw), gen.device)
-    return 1e3 * (total_s - prefill_s) / (new_tokens - 1), out.completion_ids.cpu()
+    total_s, prefill_s, out = time_greedy(gen, prompts, new_tokens, gen.device)  # its warm-up call captures the graphs
+    return decode_ms(total_s, prefill_s, new_tokens), out.completion_ids.cpu()
 
 
 def main(argv=None) -> None:

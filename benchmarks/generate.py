@@ -79,6 +79,23 @@ def timed(fn, device: torch.device) -> tuple[float, object]:
     return time.perf_counter() - start, result
 
 
+def time_greedy(gen, prompts: list[list[int]], new_tokens: int, device: torch.device) -> tuple[float, float, object]:
+    """`(total s, prefill s, output)` of one greedy `generate` call of `new_tokens` tokens, after a
+    warm-up call (prefill tuning, graph capture) and a prefill-only call timed for the subtraction;
+    the peak-memory counter is reset just before the timed call."""
+    kw = dict(temperature=0, stop_token_ids=())
+    gen.generate(prompts, max_new_tokens=4, **kw)
+    prefill_s, _ = timed(lambda: gen.generate(prompts, max_new_tokens=1, **kw), device)
+    peak_reset(device)
+    total_s, out = timed(lambda: gen.generate(prompts, max_new_tokens=new_tokens, **kw), device)
+    return total_s, prefill_s, out
+
+
+def decode_ms(total_s: float, prefill_s: float, new_tokens: int) -> float:
+    """Milliseconds per decode step: (total − prefill-only call) / (new − 1)."""
+    return 1e3 * (total_s - prefill_s) / (new_tokens - 1)
+
+
 def bench_ours(model, args, device, batches) -> tuple[dict, dict]:
     from bitnet_rl.rollout import PackedGenerator
 
@@ -92,15 +109,11 @@ def bench_ours(model, args, device, batches) -> tuple[dict, dict]:
     rows, tokens = {}, {}
     for b in batches:
         prompts = torch.randint(*token_range(args), (b, args.prompt)).tolist()
-        kw = dict(temperature=0, stop_token_ids=())
-        gen.generate(prompts, max_new_tokens=4, **kw)  # warm-up: prefill tuning for this size
-        prefill_s, _ = timed(lambda: gen.generate(prompts, max_new_tokens=1, **kw), device)
-        peak_reset(device)
-        total_s, out = timed(lambda: gen.generate(prompts, max_new_tokens=args.new_tokens, **kw), device)
+        total_s, prefill_s, out = time_greedy(gen, prompts, args.new_tokens, device)
         assert int(out.lengths.min()) == args.new_tokens
         tokens[b] = out.completion_ids.cpu()
-        decode_ms = 1e3 * (total_s - prefill_s) / (args.new_tokens - 1)
-        rows[b] = dict(tok_s=b * args.new_tokens / total_s, ms_token=decode_ms, prefill_ms=1e3 * prefill_s, peak_gb=peak_gb(device))
+        ms = decode_ms(total_s, prefill_s, args.new_tokens)
+        rows[b] = dict(tok_s=b * args.new_tokens / total_s, ms_token=ms, prefill_ms=1e3 * prefill_s, peak_gb=peak_gb(device))
         print(f"ours batch {b}: {rows[b]}", flush=True)
     if args.tokens:  # greedy completions, for `compare_generate.py` (old code vs new on the same prompts)
         torch.save(tokens, args.tokens)

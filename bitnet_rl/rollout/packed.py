@@ -175,6 +175,12 @@ class PackedGenerator:
         for b in buckets or self.buckets():
             self._graph(b)
 
+    def reset_graphs(self) -> None:
+        """Drop every captured decode graph (the next step captures again, with the kernels' current
+        settings, e.g. `tuner.kernels.pdl`); tiles stay tuned."""
+        self.greedy_graphs.clear()
+        self.tuner.reset_graphs()
+
     def _graph(self, b: int) -> torch.cuda.CUDAGraph:
         return self.tuner.graph(b, b, self.model, self.max_seq_len, lambda: self._decode_step(b))
 

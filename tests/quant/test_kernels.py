@@ -220,3 +220,6 @@ def test_generator_greedy_in_graph_equals_eager_with_stops(pdl):
         torch.testing.assert_close(a.logprobs_t1, b.logprobs_t1, rtol=1e-5, atol=1e-5)
         if stop:
             assert "stop" in a.finish_reasons and len(set(a.lengths.tolist())) > 1  # rows did end at different steps
+    graphs.reset_graphs()  # captured again, into a new pool (benchmarks/decode_pdl.py switches PDL this way)
+    again = graphs.generate(prompts, max_new_tokens=30, temperature=0, stop_token_ids=stops)
+    assert torch.equal(again.completion_ids, b.completion_ids) and graphs.greedy_graphs
