@@ -38,12 +38,12 @@ def int_mm_times(gen, rows) -> None:
 
 def check_dp4a_tiles(gen) -> None:
     """Every dp4a candidate at M = 1 equals the integer reference on the 2B4T shapes."""
-    from bitnet_rl.quant.kernels import quantize_rows_ref, w2a8_matmul_ref, triton_w2a8
+    from bitnet_rl.quant.kernels import quantize_rows_ref, triton_w2a8, w2a8_matmul_ref, w2a8_tiles
 
     for w in gen.model.layers[0].projections():
         q, dq, s = quantize_rows_ref(torch.randn(1, w.in_features, device="cuda"))
         expected = w2a8_matmul_ref(q, dq, w, int_only=True)
-        for c in triton_w2a8.candidates(1, *w.packed.shape, False):
+        for c in w2a8_tiles.candidates(1, *w.packed.shape, False):
             out = torch.empty_like(expected)
             triton_w2a8.launch(q, dq, s, w, out, c, int_only=True)
             assert torch.equal(out, expected), c

@@ -130,7 +130,7 @@ def decode_step(
     hidden = state.hidden[:b]
     torch.index_select(model.embed, 0, state.tokens[:b], out=hidden)
     slots, positions = state.slots[:b], state.positions[:b]
-    kwargs = dict(attention_kwargs(model), **(attention_tile or {}), pdl=kernels is not None and kernels.pdl)
+    kwargs = dict(attention_kwargs(model), **(attention_tile or {}), pdl=kernels is not None and kernels.pdl_for(b))
 
     def attend(i: int, qkv: torch.Tensor, out: torch.Tensor) -> None:
         decode_attention(qkv, k_cache[i], v_cache[i], slots, positions, model.cos, model.sin, out, **kwargs)

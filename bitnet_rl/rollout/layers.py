@@ -108,7 +108,7 @@ def norm_quant_linear(
     act_sum)`, of which the first `weight.in_features` columns are used). With `residual`, the sum
     `residual + ·` is written back into it, as in `norm_quant`."""
     x_int8 = quant[0][:, : weight.in_features]
-    pdl = tuner is not None and tuner.pdl
+    pdl = tuner is not None and tuner.pdl_for(inp.shape[0])
     norm_quant(inp, x_int8, quant[1], quant[2], dtype=dtype, residual=residual, norm_weight=norm_weight, eps=eps, gated=gated, act=act, pdl=pdl)
     linear(x_int8, quant[1], quant[2], weight, out, tuner)
 

@@ -52,7 +52,7 @@ class Tuner:
         results = []
         for block_n, warps, stages in ATTENTION_TILES:
             tile = dict(block_n=block_n, num_warps=warps, num_stages=stages)
-            run = lambda: decode_attention(qkv, k_cache, v_cache, slots, positions, model.cos, model.sin, out, **attention_kwargs(model), **tile, pdl=self.kernels.pdl)  # noqa: E731
+            run = lambda: decode_attention(qkv, k_cache, v_cache, slots, positions, model.cos, model.sin, out, **attention_kwargs(model), **tile, pdl=self.kernels.pdl_for(b))  # noqa: E731
             try:
                 results.append((1e3 * time_graph(run), tile))
             except Exception:  # a tile that needs more shared memory than the GPU has is skipped

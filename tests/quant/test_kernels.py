@@ -51,8 +51,8 @@ def test_int32_exact(m, k, n, granularity):
 @pytest.mark.parametrize("k,n", [(2560, 640), (6912, 2560)])
 def test_every_candidate_config_exact(k, n, pdl):
     """Every tile and split-K factor `tune` may pick is exact: with unit scales the float32
-    output (split-K partials added with atomics) is the integer sum itself."""
-    from bitnet_rl.quant.kernels import triton_w2a8
+    output is the integer sum itself."""
+    from bitnet_rl.quant.kernels import triton_w2a8, w2a8_tiles
 
     pw = packed(n, k, "per_channel")
     pw.dequant.fill_(1.0)
@@ -60,9 +60,39 @@ def test_every_candidate_config_exact(k, n, pdl):
         q, dq, s = int8_rows(m, k, seed=m)
         expected = w2a8_matmul_ref(q, dq, pw, int_only=True).float()
         out = torch.empty((m, n), device="cuda")
-        for config in triton_w2a8.candidates(m, n, pw.packed.shape[1], False):
+        for config in w2a8_tiles.candidates(m, n, pw.packed.shape[1], False):
             triton_w2a8.launch(q, torch.ones_like(dq), s, pw, out, config, pdl=pdl)
             assert torch.equal(out, expected), config
+
+
+def test_split_k_is_bit_equal_to_one_slice_and_resets_its_counters():
+    """Split-K sums exact int32 partials and scales once (the last slice per tile), so with real
+    scales and a bias every split factor `tune` may pick gives the same bits as the same tile
+    unsplit (float32, as the generator's buffers), call after call; the tile counters are back
+    at zero after. Shape: the 2B4T down projection, where the tuner picks split-K."""
+    import dataclasses
+
+    from bitnet_rl.quant.kernels import triton_w2a8, w2a8_tiles
+    from bitnet_rl.quant.kernels.tuner import SplitScratch
+
+    k, n = 6912, 2560
+    pw = packed(n, k, "per_channel", bias=True)
+    scratch = SplitScratch()
+    tried = 0
+    for m in (16, 64, 256):
+        q, dq, s = int8_rows(m, k, seed=m)
+        for config in w2a8_tiles.candidates(m, n, pw.packed.shape[1], False):
+            if config.split_k == 1:
+                continue
+            one = torch.empty((m, n), device="cuda")
+            triton_w2a8.launch(q, dq, s, pw, one, dataclasses.replace(config, split_k=1))
+            for _ in range(2):
+                out = torch.full_like(one, float("nan"))
+                triton_w2a8.launch(q, dq, s, pw, out, config, scratch=scratch)
+                assert torch.equal(out, one), (m, config)
+            tried += 1
+    assert tried >= 6
+    assert scratch.buffers and all(not counters.any() for held in scratch.buffers.values() for _, counters in held)
 
 
 @pytest.mark.parametrize("m", ROWS)

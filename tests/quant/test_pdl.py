@@ -13,6 +13,8 @@ def test_pdl_is_off_on_cpu_and_when_not_wanted():
     from bitnet_rl.quant.kernels.tuner import KernelTuner
 
     assert KernelTuner().pdl  # wanted by default
+    assert KernelTuner().pdl_for(1) and KernelTuner().pdl_for(64) and not KernelTuner().pdl_for(256)  # small grids only
+    assert not KernelTuner(pdl=False).pdl_for(1)
     assert not use_pdl(torch.zeros(1), True)  # CPU tensors never launch Triton kernels
     if torch.cuda.is_available():
         cuda = torch.zeros(1, device="cuda")

@@ -15,7 +15,9 @@ activation columns. Stored values are `code + 1` in {0, 1, 2}; the kernel subtra
 activation sum at the end (per plane for per-group scales), so unpacking is shift + mask only.
 On NVIDIA GPUs that is one PTX `shr` + `and` per four codes (inline assembly on packed bytes).
 
-Split-K (grid axis 2) adds float32 partials with atomics into a zeroed output.
+Split-K (grid axis 2) is deterministic: each K slice stores its exact int32 partial sums in a
+scratch slab, and the slice that finishes last for a tile adds them up and applies the scales once
+(bit-equal to one slice; no atomics on the sums, no zeroing).
 Configurations come from `select_config` (a heuristic) or from a `KernelTuner` (`tuner.py`),
 which times `candidates` once per shape and remembers the fastest: this module holds no state.
 """
@@ -23,20 +25,18 @@ which times `candidates` once per shape and remembers the fastest: this module h
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 import warnings
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
 from bitnet_rl.quant.kernels.triton_gdc import pdl_options, wait_for_previous_kernel
-from bitnet_rl.quant.pack import KERNEL_CHUNK, KERNEL_PLANE
+from bitnet_rl.quant.kernels.w2a8_tiles import DP4A_MAX_M, Config, select_config
+from bitnet_rl.quant.pack import KERNEL_CHUNK
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-DP4A_MAX_M = 4  # rows up to which the dp4a GEMV kernel is a candidate
 
 
 @triton.jit
@@ -64,13 +64,15 @@ def _unpack_plane(w, SHIFT: tl.constexpr, USE_ASM: tl.constexpr):
 def _w2a8_kernel(
     x_ptr, xdq_ptr, xsum_ptr,  # int8 (M, >=K), float32 (M,), int32 (M,)
     w_ptr, wdq_ptr, bias_ptr,  # uint8 (N, KB), float32 scales, float32 (N,)
-    y_ptr,  # (M, N): float out dtype, float32 when ATOMIC, int32 when INT_OUT
+    y_ptr,  # (M, N): float out dtype, int32 when INT_OUT
+    sums_ptr, count_ptr,  # SPLIT > 1: int32 slabs (SPLIT, M, N) and zeroed tile counters, left zeroed
     M, N, K,
     stride_xm, stride_wn, stride_ym, stride_gn,
     kb_per_split, group_size,
     SCALE_MODE: tl.constexpr,  # 0 per tensor, 1 per channel, 2 per group
     HAS_BIAS: tl.constexpr,
-    ATOMIC: tl.constexpr,
+    SPLIT: tl.constexpr,  # K slices (grid axis 2)
+    FENCE: tl.constexpr,  # inline-PTX fence before a split's counter moves (off only in the interpreter)
     INT_OUT: tl.constexpr,
     EVEN_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -121,16 +123,44 @@ def _w2a8_kernel(
 
     y_ptrs = y_ptr + offs_m[None, :].to(tl.int64) * stride_ym + offs_n[:, None]
     out_mask = n_mask[:, None] & m_mask[None, :]
+    if SPLIT > 1:
+        # Deterministic split-K: each K slice stores its exact int32 sums in its own slab of the
+        # scratch; the slice that finishes last for this tile adds the other slabs to its own,
+        # resets the tile's counter and runs the epilogue once: bit-equal to one slice.
+        slab = sums_ptr + offs_m[None, :].to(tl.int64) * N + offs_n[:, None]
+        plane = M * N  # < SPLIT_SCRATCH (w2a8_tiles): int32 offsets suffice
+        tl.store(slab + pid_k * plane, acc, mask=out_mask)
+        _fence_gpu(FENCE)
+        tl.debug_barrier()
+        tile = pid_m * tl.num_programs(0) + pid_n
+        finished = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel")
+        if finished == SPLIT - 1:
+            for k in tl.static_range(SPLIT):
+                if k != pid_k:
+                    acc += tl.load(slab + k * plane, mask=out_mask, other=0, cache_modifier=".cg")
+            tl.store(count_ptr + tile, 0)
+            _epilogue(acc, y_ptrs, out_mask, offs_m, offs_n, m_mask, n_mask, xdq_ptr, xsum_ptr, wdq_ptr, bias_ptr, SCALE_MODE, HAS_BIAS, INT_OUT)
+    else:
+        _epilogue(acc, y_ptrs, out_mask, offs_m, offs_n, m_mask, n_mask, xdq_ptr, xsum_ptr, wdq_ptr, bias_ptr, SCALE_MODE, HAS_BIAS, INT_OUT)
+
+
+@triton.jit
+def _fence_gpu(FENCE: tl.constexpr):
+    """`fence.acq_rel.gpu` in every thread: its split-K slab is visible GPU-wide before the tile
+    counter moves (not needed in the interpreter, which runs programs one by one)."""
+    if FENCE:
+        tl.inline_asm_elementwise("fence.acq_rel.gpu;\n\tmov.u32 $0, $1;", "=r,r", [tl.zeros((1,), dtype=tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _epilogue(acc, y_ptrs, out_mask, offs_m, offs_n, m_mask, n_mask, xdq_ptr, xsum_ptr, wdq_ptr, bias_ptr,
+              SCALE_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, INT_OUT: tl.constexpr):
+    """Store `acc (BLOCK_N, BLOCK_M)` (int32 Σ x·(code+1), or float32 group-scaled sums) as
+    `y = (acc − Σx)·s_x·s_w + bias`, or the int32 `acc − Σx` when INT_OUT."""
     if SCALE_MODE != 2:
-        x_sum = tl.load(xsum_ptr + offs_m, mask=m_mask, other=0)
-        if ATOMIC:
-            x_sum = x_sum * (pid_k == 0).to(tl.int32)
-        acc = acc - x_sum[None, :]
+        acc = acc - tl.load(xsum_ptr + offs_m, mask=m_mask, other=0)[None, :]
     if INT_OUT:
-        if ATOMIC:
-            tl.atomic_add(y_ptrs, acc, mask=out_mask)
-        else:
-            tl.store(y_ptrs, acc, mask=out_mask)
+        tl.store(y_ptrs, acc, mask=out_mask)
     else:
         x_dq = tl.load(xdq_ptr + offs_m, mask=m_mask, other=0.0)
         if SCALE_MODE == 0:
@@ -141,14 +171,8 @@ def _w2a8_kernel(
         else:
             out = acc * x_dq[None, :]
         if HAS_BIAS:
-            bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0)
-            if ATOMIC:
-                bias = bias * (pid_k == 0).to(tl.float32)
-            out = out + bias[:, None]
-        if ATOMIC:
-            tl.atomic_add(y_ptrs, out, mask=out_mask)
-        else:
-            tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=out_mask)
+            out = out + tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0)[:, None]
+        tl.store(y_ptrs, out.to(y_ptrs.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit
@@ -246,103 +270,6 @@ def _w2a8_gemv_kernel(
         tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=out_mask)
 
 
-@dataclass(frozen=True)
-class Config:
-    """A tile. kind "mma": tensor-core kernel; kind "dp4a": the M ≤ 4 GEMV kernel, whose
-    `block_kb` counts 32-bit words and whose `block_m` is set per call (next power of 2 of M)."""
-
-    block_n: int
-    block_m: int
-    block_kb: int
-    split_k: int = 1
-    num_warps: int = 4
-    num_stages: int = 3
-    kind: str = "mma"
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 8
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def m_class(m: int) -> int:
-    """Tuning bucket of a row count: 4, 16, 64, 256 or 0 (large, prefill)."""
-    for bound in (DP4A_MAX_M, 16, 64, 256):
-        if m <= bound:
-            return bound
-    return 0
-
-
-def _splits(steps: int, cap: int = 8) -> list[int]:
-    return [d for d in range(1, min(steps, cap) + 1) if steps % d == 0]
-
-
-def _block_kbs(kb: int, group: bool, options=(128, 64, 32)) -> list[int]:
-    if group:
-        return [KERNEL_PLANE]
-    return [b for b in options if kb % b == 0]
-
-
-def select_config(m: int, n: int, kb: int, group: bool, device: torch.device) -> Config:
-    """Heuristic tile for `(M, N)` outputs over `kb` packed bytes per row."""
-    mc = m_class(m)
-    if mc == DP4A_MAX_M and not group:
-        return Config(16, 1, 64, 1, 4, 3, kind="dp4a")
-    mc = max(mc, 16)
-    block_m, block_n, warps, stages = {16: (16, 32, 4, 4), 64: (64, 64, 4, 3), 256: (128, 64, 4, 3), 0: (128, 128, 8, 3)}[mc]
-    block_kb = _block_kbs(kb, group, (64, 32))[0]
-    programs = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
-    split = 1
-    if mc:
-        target = 2 * _num_sms(device)
-        for d in _splits(kb // block_kb):
-            split = d
-            if programs * d >= target:
-                break
-    return Config(block_n, block_m, block_kb, split, warps, stages)
-
-
-# Tiles `tune` times per row class: (BLOCK_N, BLOCK_M, BLOCK_KB, num_warps, num_stages).
-# BLOCK_KB falls back to 64 / 32 where it does not divide the packed row.
-TILES = {
-    DP4A_MAX_M: [],
-    16: [(16, 16, 128, 4, 4), (32, 16, 64, 4, 4), (32, 16, 128, 4, 3), (64, 16, 64, 4, 3)],
-    64: [(32, 64, 128, 4, 3), (64, 64, 64, 4, 3), (64, 64, 128, 4, 3), (128, 64, 64, 4, 3), (128, 64, 128, 8, 3)],
-    256: [(64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (128, 64, 64, 4, 3), (128, 64, 128, 4, 3), (256, 64, 64, 8, 3), (128, 128, 128, 8, 3)],
-    0: [(128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (256, 128, 64, 8, 3)],
-}
-
-
-# dp4a GEMV tiles for M ≤ DP4A_MAX_M: (BLOCK_N, BLOCK_KW words, num_warps).
-DP4A_TILES = [
-    (8, 64, 4), (16, 64, 4), (16, 128, 4), (32, 64, 4), (32, 128, 8), (64, 64, 8),
-    # one pass over a whole 2560-wide (160 words) or 6912-wide (432 words) row: every load in flight at once
-    (2, 256, 2), (4, 256, 4), (8, 256, 4), (16, 256, 8), (2, 512, 4), (4, 512, 4), (8, 512, 8),
-]
-
-
-def candidates(m: int, n: int, kb: int, group: bool) -> list[Config]:
-    """Configurations `tune` times for one shape (every split-K factor for decode shapes)."""
-    mc = m_class(m)
-    out = []
-    if mc == DP4A_MAX_M and not group:
-        out += [Config(bn, 1, bkw, 1, warps, 3, kind="dp4a") for bn, bkw, warps in DP4A_TILES]
-    for block_n, block_m, block_kb, warps, stages in TILES[mc] if mc != DP4A_MAX_M else TILES[16]:
-        if group:
-            block_kb = KERNEL_PLANE
-        while kb % block_kb:
-            block_kb //= 2
-        if block_kb < KERNEL_PLANE:
-            continue
-        for split in _splits(kb // block_kb) if mc else [1]:
-            config = Config(block_n, block_m, block_kb, split, warps, stages)
-            if config not in out:
-                out.append(config)
-    return out
-
-
 def launch(
     x_int8: torch.Tensor,
     act_dequant: torch.Tensor,
@@ -355,37 +282,44 @@ def launch(
     use_asm: bool | None = None,
     tuner=None,
     pdl: bool | None = None,
+    scratch=None,
 ) -> torch.Tensor:
-    """Run the kernel with `config` into `out` `(M, N)` (zeroed here first when split-K).
+    """Run the kernel with `config` into `out` `(M, N)`.
+
+    Split-K tiles take their int32 scratch from `scratch` (a `tuner.SplitScratch`), by default
+    `tuner.scratch`; without either, one is allocated for this call.
 
     Inline-PTX unpacking is used unless `use_asm=False` or `tuner.use_asm` is off; if this Triton
     cannot build it, the kernel falls back to plain shifts and switches `tuner.use_asm` off.
-    Programmatic dependent launch follows `pdl`, by default `tuner.pdl` (off without a tuner).
+    Programmatic dependent launch follows `pdl`, by default `tuner.pdl_for(M)` (off without a tuner).
     """
-    if pdl is None:
-        pdl = tuner is not None and tuner.pdl
     m = x_int8.shape[0]
+    if pdl is None:
+        pdl = tuner is not None and tuner.pdl_for(m)
     n, kb = weight.packed.shape
     mode = weight.dequant.dim()
     if config.kind == "dp4a":
         if _dp4a_ok(x_int8, weight):
             return _launch_dp4a(x_int8, act_dequant, act_sum, weight, out, config, int_only=int_only, use_asm=use_asm, pdl=pdl)
         config = select_config(max(m, DP4A_MAX_M + 1), n, kb, bool(weight.group_size), x_int8.device)
-    if config.split_k > 1 and out.dtype not in (torch.float32, torch.int32):
-        config = dataclasses.replace(config, split_k=1)  # split-K adds partials with float32/int32 atomics
-    atomic = config.split_k > 1
-    if atomic:
-        out.zero_()
+    if use_asm is None:
+        use_asm = (tuner is None or tuner.use_asm) and x_int8.is_cuda and not INTERPRET
+    if config.split_k > 1 and mode == 2:
+        config = dataclasses.replace(config, split_k=1)  # per-group partial sums are not integers
+    split = config.split_k > 1
     if x_int8.stride(-1) != 1 or out.stride(-1) != 1 or weight.packed.stride(-1) != 1:
         raise ValueError("w2a8: last dimensions must be contiguous")
     grid = (triton.cdiv(n, config.block_n), triton.cdiv(m, config.block_m), config.split_k)
+    sums, counts = (out, out)
+    if split:
+        scratch = scratch if scratch is not None else getattr(tuner, "scratch", None)
+        sums, counts = _split_scratch(config.split_k * m * n, grid[0] * grid[1], x_int8.device, scratch)
     bias = weight.bias if weight.bias is not None else act_dequant
-    if use_asm is None:
-        use_asm = (tuner is None or tuner.use_asm) and x_int8.is_cuda and not INTERPRET
     args = (
         x_int8, act_dequant, act_sum,
         weight.packed, weight.dequant, bias,
         out,
+        sums, counts,
         m, n, weight.in_features,
         x_int8.stride(0), weight.packed.stride(0), out.stride(0), weight.dequant.stride(0) if mode == 2 else 0,
         kb // config.split_k, max(weight.group_size, 1),
@@ -393,7 +327,8 @@ def launch(
     meta = dict(
         SCALE_MODE=mode,
         HAS_BIAS=weight.bias is not None and not int_only,
-        ATOMIC=atomic,
+        SPLIT=config.split_k,
+        FENCE=split and x_int8.is_cuda and not INTERPRET,
         INT_OUT=int_only,
         EVEN_K=weight.in_features % KERNEL_CHUNK == 0 and x_int8.shape[1] >= weight.in_features,
         BLOCK_N=config.block_n,
@@ -409,11 +344,22 @@ def launch(
         if not use_asm:
             raise
         # Inline PTX this Triton cannot build: fall back to plain shifts (if those work).
-        _w2a8_kernel[grid](*args, USE_ASM=False, **meta)
+        try:
+            _w2a8_kernel[grid](*args, USE_ASM=False, **meta)
+        except Exception:
+            raise err from None
         warnings.warn(f"w2a8: inline-asm unpack failed ({type(err).__name__}: {err}); using plain shifts")
         if tuner is not None:
             tuner.use_asm = False
     return out
+
+
+def _split_scratch(numel: int, tiles: int, device: torch.device, scratch) -> tuple[torch.Tensor, torch.Tensor]:
+    """int32 slabs (`numel`) and zeroed tile counters (`tiles`): from `scratch` (the kernels leave
+    the counters at zero) or new."""
+    if scratch is not None:
+        return scratch.take(device, numel, tiles)
+    return torch.empty(numel, dtype=torch.int32, device=device), torch.zeros(tiles, dtype=torch.int32, device=device)
 
 
 def _dp4a_ok(x_int8: torch.Tensor, weight) -> bool:
@@ -479,8 +425,5 @@ def w2a8_matmul(
         group = bool(weight.group_size)
         config = tuner.config(m, n, kb, group, x_int8.device) if tuner is not None else select_config(m, n, kb, group, x_int8.device)
     if out is None:
-        dtype = torch.int32 if int_only else (torch.float32 if config.split_k > 1 else out_dtype)
-        out = torch.empty((m, n), dtype=dtype, device=x_int8.device)
-        launch(x_int8, act_dequant, act_sum, weight, out, config, int_only=int_only, tuner=tuner)
-        return out if out.dtype == (torch.int32 if int_only else out_dtype) else out.to(out_dtype)
+        out = torch.empty((m, n), dtype=torch.int32 if int_only else out_dtype, device=x_int8.device)
     return launch(x_int8, act_dequant, act_sum, weight, out, config, int_only=int_only, tuner=tuner)

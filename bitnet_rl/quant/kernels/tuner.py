@@ -2,12 +2,14 @@
 
 A generator (or a frozen packed model) owns one tuner; nothing about tuning lives in module
 globals. The first call for a `(row class, N, packed K, per-group)` shape times every candidate
-tile of `triton_w2a8.candidates` as CUDA-graph replays and keeps the fastest; without tuning
-(`autotune=False`) the heuristic `select_config` tile runs, the same tile every time, which
-makes runs with and without graphs do identical arithmetic. `use_asm` records whether the
+tile of `w2a8_tiles.candidates` as CUDA-graph replays and keeps the fastest; without tuning
+(`autotune=False`) the heuristic `select_config` tile runs. Tiles differ in speed only: each sums
+exact int32 products (split-K included) and applies the same float epilogue once, so the output
+bits do not depend on the tile the tuner keeps. `use_asm` records whether the
 inline-PTX unpack builds on this Triton (switched off by the first failing launch); `pdl`
 whether the kernels run for this tuner's owner launch with programmatic dependent launch
-(`triton_gdc.py`; only where the GPU supports it).
+(`triton_gdc.py`; only where the GPU supports it, and over at most `PDL_MAX_ROWS` rows); `scratch` is the int32 memory of its split-K
+tiles.
 """
 
 from __future__ import annotations
@@ -16,30 +18,58 @@ from dataclasses import dataclass, field
 
 import torch
 
+# PDL lets the next kernel's programs start and wait on the GPU while this one's last programs run:
+# a gain where grids are small, a loss where they fill the GPU. H200, 2B4T shape, decode ms/token
+# (benchmarks/decode_pdl.py): batch 1 1.58 → 1.45, batch 64 2.61 → 2.60, batch 256 4.99 → 5.24.
+PDL_MAX_ROWS = 64
+
+
+@dataclass
+class SplitScratch:
+    """int32 memory of deterministic split-K, per device: the slices' partial-sum slabs and the
+    tile counters, which the kernels leave at zero, so nothing is ever cleared. A larger shape
+    gets larger buffers; the smaller ones stay alive for the CUDA graphs that use them."""
+
+    buffers: dict = field(default_factory=dict)  # device → [(slabs, counters)], newest last
+
+    def take(self, device: torch.device, numel: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+        held = self.buffers.setdefault(torch.device(device), [])
+        if not held or held[-1][0].numel() < numel or held[-1][1].numel() < tiles:
+            size = max(numel, held[-1][0].numel() if held else 0)
+            count = max(tiles, held[-1][1].numel() if held else 0)
+            held.append((torch.empty(size, dtype=torch.int32, device=device), torch.zeros(count, dtype=torch.int32, device=device)))
+        slabs, counters = held[-1]
+        return slabs[:numel], counters[:tiles]
+
 
 @dataclass
 class KernelTuner:
     autotune: bool = True
     use_asm: bool = True
     pdl: bool = True
-    configs: dict = field(default_factory=dict)  # (m_class, N, KB, group) → triton_w2a8.Config
+    configs: dict = field(default_factory=dict)  # (m_class, N, KB, group) → w2a8_tiles.Config
+    scratch: SplitScratch = field(default_factory=SplitScratch)
+
+    def pdl_for(self, rows: int) -> bool:
+        """Whether kernels over `rows` rows launch with PDL: `pdl` and at most `PDL_MAX_ROWS` rows."""
+        return self.pdl and rows <= PDL_MAX_ROWS
 
     @staticmethod
     def key(m: int, n: int, kb: int, group: bool) -> tuple[int, int, int, bool]:
-        from bitnet_rl.quant.kernels.triton_w2a8 import m_class
+        from bitnet_rl.quant.kernels.w2a8_tiles import m_class
 
         return (m_class(m), n, kb, group)
 
     def config(self, m: int, n: int, kb: int, group: bool, device: torch.device):
         """The tuned tile for this shape if one was timed, else the heuristic one."""
-        from bitnet_rl.quant.kernels.triton_w2a8 import select_config
+        from bitnet_rl.quant.kernels.w2a8_tiles import select_config
 
         tuned = self.configs.get(self.key(m, n, kb, group))
         return tuned if tuned is not None else select_config(m, n, kb, group, device)
 
     def tune(self, weight, m: int, *, verbose: bool = False) -> list:
         """Time every candidate for `weight` at `m` rows and keep the fastest; `(µs, config)` list."""
-        results = time_candidates(weight, m, verbose=verbose, use_asm=None if self.use_asm else False, pdl=self.pdl)
+        results = time_candidates(weight, m, verbose=verbose, use_asm=None if self.use_asm else False, pdl=self.pdl_for(m), scratch=self.scratch)
         if results:
             self.configs[self.key(m, *weight.packed.shape, bool(weight.group_size))] = results[0][1]
         return results
@@ -81,7 +111,7 @@ def rotating_copies(weight, budget_bytes: int = 256 << 20, cap: int = 64) -> lis
     return [weight.clone() for _ in range(count)]
 
 
-def time_candidates(weight, m: int, *, verbose: bool = False, use_asm: bool | None = None, pdl: bool = False) -> list:
+def time_candidates(weight, m: int, *, verbose: bool = False, use_asm: bool | None = None, pdl: bool = False, scratch=None) -> list:
     """Time every candidate for `weight` at `m` rows (CUDA graphs, weights rotated past L2).
     Returns `(µs per call, config)`, fastest first (the caller keeps the winner)."""
     n, kb = weight.packed.shape
@@ -92,13 +122,14 @@ def time_candidates(weight, m: int, *, verbose: bool = False, use_asm: bool | No
     xsum = x.sum(-1, dtype=torch.int32)
     out = torch.empty((m, n), dtype=torch.float32, device=device)
     weights = rotating_copies(weight)
-    from bitnet_rl.quant.kernels.triton_w2a8 import candidates, launch
+    from bitnet_rl.quant.kernels.triton_w2a8 import launch
+    from bitnet_rl.quant.kernels.w2a8_tiles import candidates
 
     results = []
     for config in candidates(m, n, kb, group):
         def run(c=config):
             for w in weights:
-                launch(x, xdq, xsum, w, out, c, use_asm=use_asm, pdl=pdl)
+                launch(x, xdq, xsum, w, out, c, use_asm=use_asm, pdl=pdl, scratch=scratch)
 
         try:
             ms = time_graph(run) / len(weights)

@@ -89,7 +89,7 @@ def w2a8_matmul(
     """W2A8 product on pre-quantized activations; Triton on CUDA, `w2a8_matmul_ref` elsewhere.
 
     `tuner` (a `quant.kernels.tuner.KernelTuner`) supplies tuned tiles; without one the
-    heuristic tile of `triton_w2a8.select_config` runs.
+    heuristic tile of `w2a8_tiles.select_config` runs.
     """
     if use_triton(x_int8, triton):
         from bitnet_rl.quant.kernels import triton_w2a8
