@@ -14,7 +14,8 @@ from bitnet_rl.errors import UserError
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`a.b.c=value` → (["a", "b", "c"], YAML-parsed value)."""
     if "=" not in text:
-        raise UserError(f"override {text!r}: expected key.sub=value")
+        hint = " (a recipe file is passed with --recipe FILE)" if text.endswith((".yaml", ".yml")) else ""
+        raise UserError(f"override {text!r}: expected key.sub=value{hint}")
     key, raw = text.split("=", 1)
     parts = [p for p in key.strip().split(".") if p]
     if not parts:

@@ -9,7 +9,7 @@ import torch
 
 from bitnet_rl.errors import UserError
 from bitnet_rl.models.convert import quantize_model
-from bitnet_rl.models.io import load_policy, load_tokenizer
+from bitnet_rl.models.io import load_policy, load_tokenizer, read_config
 from bitnet_rl.recipe import ModelConfig, QuantConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -26,6 +26,18 @@ def resolve_model_dir(path: str | Path) -> Path:
     path = Path(path)
     if not (path / "config.json").exists() and (path / "final" / "config.json").exists():
         return path / "final"
+    return path
+
+
+def model_source(model_cfg: ModelConfig) -> Path | None:
+    """The model directory the recipe's `model` section names, checked without loading anything
+    (None for a tiny model): `build_policy`'s path errors, for commands that check inputs first."""
+    if model_cfg.tiny is not None:
+        return None
+    if not model_cfg.path:
+        raise UserError("model.path is not set (give --model DIR, model.path=DIR or model.tiny)")
+    path = resolve_model_dir(model_cfg.path)
+    read_config(path)  # a missing directory or config.json, or bad JSON: one line
     return path
 
 
@@ -54,7 +66,5 @@ def build_policy(
         tokenizer = tiny_tokenizer(list(texts) if texts is not None else None, vocab_size=tiny.tokenizer_vocab_size)
         model, tokenizer = tiny_bitnet(shape=tiny, seed=seed, tokenizer=tokenizer)
         return quantize_model(model, quant, lam).to(device=device, dtype=dtype), tokenizer
-    if not model_cfg.path:
-        raise UserError("model.path is not set (give --model DIR, model.path=DIR or model.tiny)")
-    path = resolve_model_dir(model_cfg.path)
+    path = model_source(model_cfg)
     return load_policy(path, quant=quant, lam=lam, dtype=dtype, device=device), load_tokenizer(path)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -43,6 +44,13 @@ def load_function(spec: str) -> Callable[..., Any]:
     fn = getattr(module, name, None)
     if not callable(fn):
         raise UserError(f"reward {spec!r}: {location} has no function {name!r}")
+    try:
+        signature = inspect.signature(fn)
+        signature.bind(["prompt"], ["completion"])
+    except TypeError:
+        raise UserError(f"reward {spec!r}: {name}{signature} cannot be called as {name}(prompts, completions)") from None
+    except ValueError:  # no signature to inspect (some builtins): the first call will tell
+        pass
     return fn
 
 

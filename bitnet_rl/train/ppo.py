@@ -32,7 +32,7 @@ from bitnet_rl.distributed.reduce import global_explained_variance, loss_denomin
 from bitnet_rl.errors import UserError
 from bitnet_rl.lora.critic import adapter_critic
 from bitnet_rl.lora.rl import lora_generator, policy_reference
-from bitnet_rl.models.build import build_policy, resolve_dtype, resolve_model_dir
+from bitnet_rl.models.build import build_policy, model_source, resolve_dtype, resolve_model_dir
 from bitnet_rl.models.io import prompt_format_of
 from bitnet_rl.models.value import load_scalar_model
 from bitnet_rl.recipe import STAGE_DEFAULTS, PPOConfig, Recipe
@@ -135,11 +135,13 @@ class PPOTrainer:
         self.run = Run(recipe, "ppo")
         self.accelerator = self.run.accelerator
         device = device or self.accelerator.device
+        # paths, rewards and prompts first: a bad --model, --reward or --prompts stops the run before the policy loads
+        model_source(recipe.model)
+        self.reward = reward or load_rewards([(r.weight, r.source) for r in cfg.rewards], device=device)
+        self.prompts = load_prompts(cfg.prompts or "demo", cfg.num_prompts, seed=recipe.train.seed)
         policy, self.tokenizer = build_policy(recipe.model, recipe.quant, lam=current_lambda(recipe, 0), device=device, seed=recipe.train.seed)
         self.reference = policy_reference(policy, recipe)  # with LoRA: the base with adapters off (no second copy)
-        self.reward = reward or load_rewards([(r.weight, r.source) for r in cfg.rewards], device=device)
         critic = self._build_critic(policy, device) if ADVANTAGE_ESTIMATORS[cfg.advantage].needs_critic else None
-        self.prompts = load_prompts(cfg.prompts or "demo", cfg.num_prompts, seed=recipe.train.seed)
         self.prompt_ids = rollout_prompt_ids(self.tokenizer, policy, self.prompts, recipe.data.chat_template, recipe.rollout.max_new_tokens, cfg.prompts or "demo")
         self.chat = prompt_format_of(policy) == "chat"  # as rollout_prompt_ids resolved and recorded it
         self.eval_prompts = heldout_prompts(recipe, self.prompts)

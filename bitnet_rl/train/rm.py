@@ -102,10 +102,10 @@ def run_rm(recipe: Recipe, resume: str | None = None, device: str | None = None,
         raise UserError("model.path is not set: give --model DIR (an SFT checkpoint or any causal/classifier LM)")
     path = resolve_model_dir(recipe.model.path)
     dtype = resolve_dtype(recipe.model.dtype, device)
+    data = recipe.data
+    records, fmt = load_records(data, data.path, "prefs", seed=recipe.train.seed)  # a bad --prefs stops here, before the model loads
     model = load_scalar_model(path, quant=recipe.quant, lam=current_lambda(recipe, 0), dtype=dtype, device=device)
     tokenizer = load_tokenizer(path)
-    data = recipe.data
-    records, fmt = load_records(data, data.path, "prefs", seed=recipe.train.seed)
     examples = model_pref_examples(records, fmt, tokenizer, model, data)
     train_examples, val_examples = train_val_split(examples, data.val_fraction, recipe.train.seed)
     collate = PrefCollator(pad_id(tokenizer))

@@ -47,5 +47,7 @@ def test_bad_specs(tmp_path):
         load_reward("python:nope.py:reward")
     with pytest.raises(UserError, match="has no function"):
         load_reward("python:reward_models/demo_task.py:nothing")
+    with pytest.raises(UserError, match=r"reward\(x\) cannot be called as reward\(prompts, completions\)"):
+        load_reward(_write(tmp_path, "def reward(x):\n    return [0.0]\n"))
     with pytest.raises(UserError, match="not a reward-model directory"):
         load_reward(str(tmp_path / "missing"))

@@ -112,6 +112,23 @@ def test_reward_error_saves_a_checkpoint_and_names_the_reward(sft_dir, tmp_path)
     assert len(saved) == 1 and (saved[0] / "trainer_state" / "state.json").is_file()
 
 
+def test_bad_reward_or_prompts_stop_the_run_before_the_policy_loads(sft_dir, tmp_path, monkeypatch):
+    """A reward function that cannot take (prompts, completions), a missing prompts file: one error
+    naming it, raised before the policy is built (which would take minutes on a real model)."""
+    import bitnet_rl.train.ppo as ppo_module
+
+    def no_policy(*args, **kwargs):
+        raise AssertionError("the policy was loaded before the reward and prompts were checked")
+
+    monkeypatch.setattr(ppo_module, "build_policy", no_policy)
+    one_arg = tmp_path / "one_arg.py"
+    one_arg.write_text("def reward(completions):\n    return [0.0] * len(completions)\n")
+    with pytest.raises(UserError, match=r"one_arg.py:reward'.*cannot be called as reward\(prompts, completions\)"):
+        run_ppo(ppo_recipe(tmp_path / "a", sft_dir, rewards=[{"source": f"python:{one_arg}:reward"}]))
+    with pytest.raises(UserError, match="missing.jsonl"):
+        run_ppo(ppo_recipe(tmp_path / "b", sft_dir, prompts=str(tmp_path / "missing.jsonl")))
+
+
 def test_group_estimators_need_several_samples(sft_dir, tmp_path):
     with pytest.raises(UserError, match="samples_per_prompt"):
         run_ppo(ppo_recipe(tmp_path, sft_dir, advantage="grpo", samples_per_prompt=1))

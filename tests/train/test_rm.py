@@ -60,3 +60,24 @@ def test_learned_reward_is_packed_normalized_and_ranks(rm_dir):
     assert (good > bad).float().mean() > 0.8
     raw = reward.raw_scores(prompts, right)
     torch.testing.assert_close(good, (raw - reward.mean) / reward.std)
+
+
+def test_bad_prefs_stop_before_the_model_loads(tmp_path, monkeypatch):
+    """Unreadable preference data: one error naming the file and line, before any model is loaded."""
+    import bitnet_rl.train.rm as rm_module
+    from bitnet_rl.errors import UserError
+    from bitnet_rl.models.tiny import tiny_bitnet
+
+    model_dir = tmp_path / "tiny"
+    tiny_bitnet(model_dir)
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text("not json\n")
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the preference data was read")
+
+    monkeypatch.setattr(rm_module, "load_scalar_model", no_model)
+    data = {**RM_DEFAULTS["data"], "path": str(prefs)}
+    recipe = validate(Recipe, {**RM_DEFAULTS, "out": str(tmp_path / "run"), "model": {"path": str(model_dir)}, "data": data}, "test")
+    with pytest.raises(UserError, match=r"prefs.jsonl:1: invalid JSON"):
+        run_rm(recipe)
