@@ -357,6 +357,32 @@ def generate_bad_backend(e):
     return ["generate", str(e.tiny_dir), "--prompt", "x", "--backend", "vllm"], "--backend 'vllm': use packed or policy"
 
 
+def eval_out_under_file(e):
+    """Checked before sampling (it used to fail with a traceback after the whole evaluation)."""
+    write(e.tmp / "file", "x")
+    return ["eval", str(e.tiny_dir), "--prompts", "demo", "--reward", REWARD, "--out", str(e.tmp / "file" / "ev")], "file is a file, not a directory"
+
+
+def export_out_under_file(e):
+    write(e.tmp / "file", "x")
+    return ["export", str(e.tiny_dir), "--format", "bf16", "--out", str(e.tmp / "file" / "bf16")], "file is a file, not a directory"
+
+
+def generate_out_under_file(e):
+    write(e.tmp / "file", "x")
+    return ["generate", str(e.tiny_dir), "--prompt", "x", "--out", str(e.tmp / "file" / "o.jsonl")], "file is a file, not a directory"
+
+
+def reward_wrong_signature_ppo(e):
+    fn = write(e.tmp / "one_arg.py", "def reward(completions):\n    return [0.0] * len(completions)\n")
+    args = ["ppo", "--model", str(e.tiny_dir), "--reward", f"python:{fn}:reward", "--out", str(e.tmp / "out")]
+    return args, "cannot be called as reward(prompts, completions)"
+
+
+def recipe_as_override_dpo(e):
+    return ["dpo", str(e.recipe), "--model", str(e.tiny_dir), "--out", str(e.tmp / "out")], "a recipe file is passed with --recipe FILE"
+
+
 def unknown_recipe_key(e):
     return ["sft", str(e.recipe), "data.chat_templates=auto", "--out", str(e.tmp / "out")], "unknown key data.chat_templates"
 
@@ -374,6 +400,7 @@ CASES: dict[str, Callable] = {f.__name__: f for f in [
     resume_other_command, resume_latest_nothing, resume_not_a_checkpoint,
     tiny_and_path, chat_never_with_messages, chat_always_with_text, chat_template_bad_value, tokenizer_data_missing,
     examples_over_context, generate_bad_backend, unknown_recipe_key, quickstart_out_is_file, disk_full_metrics,
+    eval_out_under_file, export_out_under_file, generate_out_under_file, reward_wrong_signature_ppo, recipe_as_override_dpo,
 ]}  # fmt: skip
 
 

@@ -26,6 +26,7 @@ from bitnet_rl.eval import core, inputs, plots
 from bitnet_rl.eval.curves import curves, read_metrics
 from bitnet_rl.eval.metrics import win_rate
 from bitnet_rl.eval.report import format_summary, summary_rows, write_report
+from bitnet_rl.train.rundir import check_writable_dir
 
 SIDE_BY_SIDE = 10
 
@@ -127,6 +128,7 @@ def run_eval(cfg: EvalConfig, echo: Callable[[str], None] = print) -> dict[str, 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     sources, correct_fn = load_sources(cfg.rewards, cfg.correct, device)
     out_dir = Path(cfg.out) if cfg.out else (run_dir / "eval" if run_dir else Path("eval") / model_dir.name)
+    check_writable_dir(out_dir, "--out" if cfg.out else "report directory")  # before the minutes of sampling, not after
 
     from bitnet_rl.data.prompts import encode_prompt
     from bitnet_rl.models.io import load_tokenizer

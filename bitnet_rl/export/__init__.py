@@ -89,6 +89,7 @@ def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path, merge_l
     """
     from bitnet_rl.models.build import resolve_model_dir
     from bitnet_rl.models.io import load_policy, load_tokenizer, read_config
+    from bitnet_rl.train.rundir import check_writable_dir
 
     write = writer(fmt)
     source = resolve_model_dir(checkpoint)
@@ -96,6 +97,7 @@ def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path, merge_l
     out = Path(out)
     if out.resolve() == source.resolve():
         raise UserError(f"--out {out} is the checkpoint itself; choose another directory")
+    check_writable_dir(out)
     if merge_lora:
         from bitnet_rl.lora.merge import require_adapter
 

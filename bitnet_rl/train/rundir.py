@@ -55,7 +55,7 @@ def check_writable_dir(path: str | Path, what: str = "--out", shown: str | Path 
             break
         probe = probe.parent
     if probe.exists() and not probe.is_dir():
-        if probe == path:
+        if probe == path and shown is None:
             raise UserError(f"{what}: exists and is a file, not a directory")
         raise UserError(f"{what}: {probe} is a file, not a directory")
     if not _writable(probe):
