@@ -5,11 +5,11 @@ globals. The first call for a `(row class, N, packed K, per-group)` shape times 
 tile of `w2a8_tiles.candidates` as CUDA-graph replays and keeps the fastest; without tuning
 (`autotune=False`) the heuristic `select_config` tile runs. Tiles differ in speed only: each sums
 exact int32 products (split-K included) and applies the same float epilogue once, so the output
-bits do not depend on the tile the tuner keeps. `use_asm` records whether the
-inline-PTX unpack builds on this Triton (switched off by the first failing launch); `pdl`
-whether the kernels run for this tuner's owner launch with programmatic dependent launch
-(`triton_gdc.py`; only where the GPU supports it, and over at most `PDL_MAX_ROWS` rows); `scratch` is the int32 memory of its split-K
-tiles.
+bits do not depend on the tile the tuner keeps. `use_asm` records whether the inline-PTX
+unpack builds on this Triton (switched off by the first failing launch); `pdl` whether the
+kernels run for this tuner's owner launch with programmatic dependent launch (`triton_gdc.py`;
+only where the GPU supports it, and over at most `PDL_MAX_ROWS` rows); `scratch` is the int32
+memory of its split-K tiles.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 
 # PDL lets the next kernel's programs start and wait on the GPU while this one's last programs run:
 # a gain where grids are small, a loss where they fill the GPU. H200, 2B4T shape, decode ms/token
-# (benchmarks/decode_pdl.py): batch 1 1.58 → 1.45, batch 64 2.61 → 2.60, batch 256 4.99 → 5.24.
+# without → with PDL (benchmarks/decode_pdl.py): batch 1 1.58 → 1.45, batch 64 2.61 → 2.60, batch 256 4.99 → 5.24.
 PDL_MAX_ROWS = 64
 
 
