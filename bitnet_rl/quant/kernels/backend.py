@@ -1,16 +1,19 @@
 """The one place that decides whether a tensor's W2A8 work runs on Triton kernels.
 
 Triton runs only for CUDA tensors when Triton imports; everything else takes the plain-torch
-reference path. `TRITON_INTERPRET=1` (Triton's CPU interpreter) is honoured by the kernels
-themselves, not here. Tests that compare the two paths on the GPU pass `triton=False`
+reference path. `TRITON_INTERPRET=1` (Triton's CPU interpreter) is read once here (`INTERPRET`)
+and honoured by the kernels themselves. Tests that compare the two paths on the GPU pass `triton=False`
 explicitly to the functions that take it, rather than patching this module.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # Triton's CPU interpreter runs the kernels
 
 
 @functools.cache
@@ -30,14 +33,11 @@ def use_triton(t: torch.Tensor, allowed: bool = True) -> bool:
     return allowed and t.is_cuda and triton_available()
 
 
-
 @functools.cache
 def pdl_supported(device_index: int) -> bool:
     """Programmatic dependent launch: a Hopper-or-newer GPU and a Triton with grid dependency
     control (`tl.extra.cuda.gdc_wait`, Triton ≥ 3.4) that is not the CPU interpreter."""
-    import os
-
-    if os.environ.get("TRITON_INTERPRET", "0") == "1" or torch.cuda.get_device_capability(device_index)[0] < 9:
+    if INTERPRET or torch.cuda.get_device_capability(device_index)[0] < 9:
         return False
     try:
         from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait  # noqa: F401

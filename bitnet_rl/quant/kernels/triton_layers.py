@@ -13,15 +13,13 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from bitnet_rl.quant.kernels.backend import INTERPRET
 from bitnet_rl.quant.kernels.triton_gdc import pdl_options, wait_for_previous_kernel
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 if not INTERPRET:
     from triton.language.extra.cuda import libdevice
 else:  # the interpreter has no libdevice; the kernels take the plain-arithmetic path

@@ -16,13 +16,12 @@ result is bit-identical.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from bitnet_rl.quant.kernels.backend import INTERPRET
+
 if not INTERPRET:
     from triton.language.extra.cuda import libdevice
 else:

@@ -25,18 +25,17 @@ which times `candidates` once per shape and remembers the fastest: this module h
 from __future__ import annotations
 
 import dataclasses
-import os
 import warnings
 
 import torch
 import triton
 import triton.language as tl
 
+from bitnet_rl.quant.kernels.backend import INTERPRET
 from bitnet_rl.quant.kernels.triton_gdc import pdl_options, wait_for_previous_kernel
 from bitnet_rl.quant.kernels.w2a8_tiles import DP4A_MAX_M, Config, select_config
 from bitnet_rl.quant.pack import KERNEL_CHUNK
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
